@@ -1,0 +1,7 @@
+"""`python -m precompute ...`: see precompute/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""Inverse-Hessian-vector products behind one interface.
+
+Each solver applies ``x = (H + λI)⁻¹ b`` to a block of right-hand sides ``b`` of shape [D, k], given
+only a batched Hessian-vector product ``hvp: [D, k] -> [D, k]`` (H symmetric, without damping).
+
+    exact    dense H from D HVPs, eigendecomposition; exact, O(D²) memory. Tests and small models.
+    cg       conjugate gradient, all k right-hand sides at once; exact up to ``tol``; needs H + λI
+             positive definite (stops with an error on negative curvature).
+    lissa    Neumann series x ← b/s + (I − (H+λI)/s) x with s from power iteration on H; simple but
+             slow when H is ill-conditioned; guards against divergence.
+    arnoldi  rank-r eigendecomposition from a Krylov (Lanczos/Arnoldi) run, computed once and reused
+             for every right-hand side; approximate outside the top-r subspace.
+
+Every solve returns ``SolveDiagnostics`` (iterations, relative residual ‖(H+λI)x − b‖/‖b‖, eigenvalue
+estimates) and raises ``SolverError`` instead of returning non-finite or diverged results.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .config import SolverConfig
+
+BatchedHVP = Callable[[Tensor], Tensor]
+"""[D, k] -> [D, k]: H @ V for a symmetric H, without damping."""
+
+
+class SolverError(RuntimeError):
+    """An inverse-HVP solve failed (diverged, indefinite, non-finite or not converged)."""
+
+
+@dataclass
+class SolveDiagnostics:
+    solver: str
+    damping: float
+    dim: int
+    n_rhs: int
+    iterations: int
+    relative_residual: float       # max over right-hand sides of ‖(H+λI)x − b‖ / ‖b‖
+    eig_min: float                 # estimate of the smallest eigenvalue of H (without damping)
+    eig_max: float                 # estimate of the largest eigenvalue of H
+    rank: int | None = None        # arnoldi only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class InverseHVP(ABC):
+    """Applies (H + λI)⁻¹ to blocks of vectors. Construct with ``make_solver``."""
+
+    name = ""
+
+    def __init__(self, hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.hvp, self.dim, self.config = hvp, dim, config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.damping = float(config.damping)
+
+    def operator(self, v: Tensor) -> Tensor:
+        return self.hvp(v) + self.damping * v
+
+    def solve(self, b: Tensor) -> tuple[Tensor, SolveDiagnostics]:
+        """x = (H + λI)⁻¹ b for b of shape [D] or [D, k]."""
+        squeeze = b.dim() == 1
+        b2 = b[:, None] if squeeze else b
+        if b2.shape[0] != self.dim:
+            raise SolverError(f"right-hand side has {b2.shape[0]} rows, the Hessian is {self.dim}x{self.dim}")
+        if not torch.isfinite(b2).all():
+            raise SolverError(f"{self.name}: right-hand side is not finite (check the test loss and its gradient)")
+        x, iterations = self._solve(b2)
+        if not torch.isfinite(x).all():
+            raise SolverError(f"{self.name}: solve returned non-finite values; raise the damping (now {self.damping})")
+        residual = _relative_residual(self.operator, x, b2)
+        eig_min, eig_max = self.eigenvalue_range()
+        diag = SolveDiagnostics(self.name, self.damping, self.dim, b2.shape[1], iterations, residual,
+                                eig_min, eig_max, self._rank())
+        if self.name != "arnoldi" and residual > self.config.max_residual:
+            raise SolverError(
+                f"{self.name}: relative residual {residual:.2e} exceeds {self.config.max_residual:.0e} after "
+                f"{iterations} iterations; raise max_iter or the damping (now {self.damping}), or use 'exact'")
+        return (x[:, 0] if squeeze else x), diag
+
+    @abstractmethod
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        ...
+
+    def eigenvalue_range(self) -> tuple[float, float]:
+        """(smallest, largest) eigenvalue estimates of H from a short Lanczos run (cached)."""
+        if not hasattr(self, "_eig_range"):
+            steps = min(self.dim, 40)
+            _, ritz = lanczos(self.hvp, self.dim, steps, self.dtype, self.device, self.config.seed)
+            self._eig_range = (float(ritz.min()), float(ritz.max()))
+        return self._eig_range
+
+    def _rank(self) -> int | None:
+        return None
+
+
+class ExactSolver(InverseHVP):
+    """Dense Hessian from D HVPs (identity columns in blocks), then eigh; reused for all solves."""
+
+    name = "exact"
+
+    def __init__(self, *args, block: int = 256, **kw):
+        super().__init__(*args, **kw)
+        self.block = block
+        self._eig: tuple[Tensor, Tensor] | None = None
+
+    def hessian(self) -> Tensor:
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        cols = [self.hvp(eye[:, i: i + self.block]) for i in range(0, self.dim, self.block)]
+        h = torch.cat(cols, dim=1)
+        return 0.5 * (h + h.T)
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        if self._eig is None:
+            evals, evecs = torch.linalg.eigh(self.hessian())
+            self._eig = (evals, evecs)
+            lo = float(evals[0]) + self.damping
+            if lo <= 0:
+                raise SolverError(
+                    f"exact: H + λI is not positive definite (smallest eigenvalue {float(evals[0]):.3e}, "
+                    f"damping {self.damping}); set damping above {-float(evals[0]):.3e} or train to a minimum")
+        return self._eig
+
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        evals, evecs = self.eigh()
+        return evecs @ ((evecs.T @ b) / (evals + self.damping)[:, None]), 0
+
+    def eigenvalue_range(self) -> tuple[float, float]:
+        evals, _ = self.eigh()
+        return float(evals[0]), float(evals[-1])
+
+
+class CGSolver(InverseHVP):
+    """Conjugate gradient on all right-hand sides at once (one batched HVP per iteration)."""
+
+    name = "cg"
+
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        tol = self.config.tol
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(0)
+        b_norm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+        it = 0
+        for it in range(1, self.config.max_iter + 1):
+            active = r.norm(dim=0) > tol * b_norm
+            if not active.any():
+                return x, it - 1
+            ap = self.operator(p)
+            curvature = (p * ap).sum(0)
+            if (curvature[active] <= 0).any():
+                raise SolverError(
+                    f"cg: negative curvature (pᵀ(H+λI)p = {float(curvature[active].min()):.3e}); the Hessian "
+                    f"is indefinite at these parameters: raise the damping (now {self.damping})")
+            step = torch.where(active, rs / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rs))
+            x = x + step * p
+            r = r - step * ap
+            rs_new = (r * r).sum(0)
+            beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(rs))
+            p = r + beta * p
+            rs = rs_new
+        return x, it
+
+
+class LissaSolver(InverseHVP):
+    """Deterministic (full-batch) LiSSA: Neumann series scaled by a power-iteration λ_max estimate."""
+
+    name = "lissa"
+
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        top = power_iteration(self.hvp, self.dim, 50, self.dtype, self.device, self.config.seed)
+        scale = 1.1 * (abs(top) + self.damping)
+        self.scale = scale
+        x = b / scale
+        first_norm = float(x.norm())
+        it = 0
+        for it in range(1, self.config.max_iter + 1):
+            x_new = b / scale + x - self.operator(x) / scale
+            delta = float((x_new - x).norm())
+            x = x_new
+            norm = float(x.norm())
+            if not math.isfinite(norm) or norm > 1e6 * max(first_norm, 1e-30):
+                raise SolverError(
+                    f"lissa: diverged after {it} iterations (‖x‖ grew to {norm:.2e}); H + λI is not positive "
+                    f"definite or the scale {scale:.3e} is too small: raise the damping (now {self.damping})")
+            if delta <= self.config.tol * norm:
+                break
+        return x, it
+
+
+class ArnoldiSolver(InverseHVP):
+    """Low-rank inverse from the top-|λ| Ritz pairs of a Krylov run (Schioppa et al. style).
+
+    The factorisation costs ``rank + oversample`` HVPs once; every later solve is two matmuls.
+    Directions outside the kept subspace are dropped, so the residual is reported, not enforced.
+    """
+
+    name = "arnoldi"
+
+    def factorise(self) -> tuple[Tensor, Tensor]:
+        if not hasattr(self, "_factors"):
+            steps = min(self.dim, self.config.rank + self.config.oversample)
+            q, ritz, ritz_vecs = lanczos(self.hvp, self.dim, steps, self.dtype, self.device, self.config.seed,
+                                         return_vectors=True)
+            order = torch.argsort(ritz.abs(), descending=True)[: min(self.config.rank, steps)]
+            evals, evecs = ritz[order], q @ ritz_vecs[:, order]
+            if (evals + self.damping <= 0).any():
+                worst = float(evals.min())
+                raise SolverError(
+                    f"arnoldi: eigenvalue estimate {worst:.3e} makes H + λI indefinite; set damping above {-worst:.3e}")
+            self._factors = (evals, evecs)
+            self._eig_range = (float(ritz.min()), float(ritz.max()))
+        return self._factors
+
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        evals, evecs = self.factorise()
+        return evecs @ ((evecs.T @ b) / (evals + self.damping)[:, None]), len(evals)
+
+    def eigenvalue_range(self) -> tuple[float, float]:
+        self.factorise()
+        return self._eig_range
+
+    def _rank(self) -> int | None:
+        return int(self.factorise()[0].numel())
+
+
+_SOLVERS: dict[str, type[InverseHVP]] = {
+    "exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver}
+
+
+def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dtype,
+                device: torch.device | str) -> InverseHVP:
+    """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
+    return _SOLVERS[config.name](hvp, dim, config, dtype, device)
+
+
+def power_iteration(hvp: BatchedHVP, dim: int, steps: int, dtype, device, seed: int) -> float:
+    """Estimate of the largest-magnitude eigenvalue of H (Rayleigh quotient after ``steps``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(dim, 1, generator=gen, dtype=dtype).to(device)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(steps):
+        hv = hvp(v)
+        value = float((v * hv).sum())
+        norm = hv.norm()
+        if norm == 0 or not torch.isfinite(norm):
+            break
+        v = hv / norm
+    return value
+
+
+def lanczos(hvp: BatchedHVP, dim: int, steps: int, dtype, device, seed: int, return_vectors: bool = False):
+    """Lanczos with full re-orthogonalisation (the symmetric case of Arnoldi).
+
+    Returns (Q [D, s], Ritz values [s]) or, with ``return_vectors``, also the tridiagonal's
+    eigenvectors [s, s] so that Q @ vecs approximates eigenvectors of H.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.zeros(dim, steps, dtype=dtype, device=device)
+    v = torch.randn(dim, generator=gen, dtype=dtype).to(device)
+    q[:, 0] = v / v.norm()
+    alphas, betas = [], []
+    s = steps
+    for j in range(steps):
+        w = hvp(q[:, j: j + 1])[:, 0]
+        alphas.append(float(q[:, j] @ w))
+        # Two passes of Gram-Schmidt keep Q orthonormal in float32.
+        for _ in range(2):
+            w = w - q[:, : j + 1] @ (q[:, : j + 1].T @ w)
+        beta = float(w.norm())
+        if j + 1 == steps:
+            break
+        if beta < 1e-10 * max(1.0, abs(alphas[-1])):
+            s = j + 1  # invariant subspace found: the Krylov space is exhausted
+            break
+        betas.append(beta)
+        q[:, j + 1] = w / beta
+    q = q[:, :s]
+    t = torch.diag(torch.tensor(alphas[:s], dtype=torch.float64))
+    if s > 1:
+        off = torch.tensor(betas[: s - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz, vecs = torch.linalg.eigh(t)
+    ritz, vecs = ritz.to(dtype=dtype, device=device), vecs.to(dtype=dtype, device=device)
+    return (q, ritz, vecs) if return_vectors else (q, ritz)
+
+
+def _relative_residual(operator: BatchedHVP, x: Tensor, b: Tensor) -> float:
+    r = operator(x) - b
+    rel = r.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+    return float(rel.max())

@@ -1,0 +1,136 @@
+"""Deterministic full-batch training of both stages.
+
+Pretraining minimises L_P over p = [θ; W]. Finetuning has two scenarios (design.md §2):
+    "fixed":   U* = argmin_U L_F(θ*, U), θ stays θ*.
+    "updated": (θ_ft, U*) = argmin_q L_F(q) + (α/2)‖θ − θ*‖², warm-started at (θ*, U*_fixed).
+L-BFGS with a strong-Wolfe line search is deterministic for a fixed start, so re-running gives the
+same parameters; an optional dense-Newton polish reaches machine precision on small models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .task import TaskError, TwoStageTask
+
+Objective = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class TrainResult:
+    params: Tensor          # flat optimum (p for pretraining, q = [θ; U] for finetuning)
+    objective: float
+    grad_norm: float        # ‖∇objective‖₂ at ``params``
+    iterations: int
+    converged: bool         # grad_norm <= grad_tol
+
+    def summary(self) -> dict:
+        return {"objective": self.objective, "grad_norm": self.grad_norm,
+                "iterations": self.iterations, "converged": self.converged}
+
+
+def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None) -> TrainResult:
+    """Full-batch L-BFGS from ``x0`` until ‖∇‖ ≤ grad_tol or max_iter, then optional Newton polish."""
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=config.history_size,
+                            tolerance_grad=config.grad_tol / 10, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = objective(x)
+        if not torch.isfinite(value):
+            raise TaskError(f"{desc or 'training'}: objective became non-finite; check the inputs and loss")
+        value.backward()
+        return value
+
+    iterations = 0
+    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None)
+    while iterations < config.max_iter:
+        opt.step(closure)
+        done = opt.state[opt._params[0]]["n_iter"]
+        bar.update(done - iterations)
+        stalled = done == iterations
+        iterations = done
+        if _grad_norm(objective, x) <= config.grad_tol or stalled:
+            break
+    bar.close()
+    params = x.detach()
+    if config.newton_polish and params.numel() <= config.newton_max_params:
+        params = newton_polish(objective, params, config.newton_polish)
+    gnorm = _grad_norm(objective, params)
+    return TrainResult(params, float(objective(params)), gnorm, iterations, gnorm <= config.grad_tol)
+
+
+def newton_polish(objective: Objective, x: Tensor, steps: int) -> Tensor:
+    """Dense Newton steps; quadratic convergence near a minimum with a positive definite Hessian."""
+    for _ in range(steps):
+        g = torch.func.grad(objective)(x)
+        h = torch.func.hessian(objective)(x)
+        x = x - torch.linalg.solve(h, g)
+    return x.detach()
+
+
+def _grad_norm(objective: Objective, x: Tensor) -> float:
+    return float(torch.func.grad(objective)(x.detach()).norm())
+
+
+# ---- the two stages -----------------------------------------------------------------------------
+
+def pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor | None = None,
+             p0: Tensor | None = None, desc: str | None = "pretraining") -> TrainResult:
+    """p* = argmin L_P (example weights optional, denominator m fixed)."""
+    start = task.initial_pretrain_params() if p0 is None else p0
+    return minimize(lambda p: task.pretrain_objective(p, weights), start, config, desc)
+
+
+def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tensor | None = None,
+                   desc: str | None = "finetuning (fixed)") -> TrainResult:
+    """U* = argmin_U L_F(θ*, U); returns q = [θ*; U*]."""
+    theta = task.theta_of(p).detach()
+    start = task.initial_u() if u0 is None else u0
+    result = minimize(lambda u: task.finetune_objective(torch.cat([theta, u])), start, config, desc)
+    result.params = torch.cat([theta, result.params])
+    return result
+
+
+def finetune_updated(task: TwoStageTask, p: Tensor, alpha: float, config: TrainConfig,
+                     q0: Tensor, desc: str | None = "finetuning (updated)") -> TrainResult:
+    """(θ_ft, U*) = argmin L_F(θ, U) + (α/2)‖θ − θ*‖², started at q0 (usually [θ*; U*_fixed])."""
+    anchor = task.theta_of(p).detach()
+    return minimize(lambda q: task.finetune_objective(q, anchor, alpha), q0, config, desc)
+
+
+@dataclass
+class TrainedStages:
+    """Trained parameters of both stages: p* and, per scenario, q = [θ; U]."""
+
+    pretrain: TrainResult
+    finetune: dict[str, TrainResult]
+    alpha: float
+
+    @property
+    def p(self) -> Tensor:
+        return self.pretrain.params
+
+    def q(self, scenario: str) -> Tensor:
+        return self.finetune[scenario].params
+
+
+def train_stages(task: TwoStageTask, config: TrainConfig, alpha: float,
+                 scenarios: tuple[str, ...] = ("fixed", "updated"), progress: bool = True) -> TrainedStages:
+    """Pretrain, then finetune in each scenario ("updated" warm-starts from the "fixed" head)."""
+    label = (lambda s: s) if progress else (lambda s: None)
+    pre = pretrain(task, config, desc=label("pretraining"))
+    fixed = finetune_fixed(task, pre.params, config, desc=label("finetuning (fixed)"))
+    finetuned = {"fixed": fixed}
+    if "updated" in scenarios:
+        finetuned["updated"] = finetune_updated(task, pre.params, alpha, config, fixed.params,
+                                                desc=label("finetuning (updated)"))
+    return TrainedStages(pre, {s: finetuned[s] for s in scenarios}, alpha)
