@@ -97,3 +97,31 @@ class InfluenceConfig:
 def config_dict(config) -> dict:
     """A JSON-safe dict of a (nested) config dataclass, for manifests."""
     return asdict(config)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Ground truth by actual retraining (design.md §3) and baselines.
+
+    n_test_points:   validation test points per scenario (the first K scored test points).
+    k:               leave-one-out removals per kind (top-k helpful, top-k harmful, k random).
+    group_percents:  group removal sizes, in percent of the pretraining set.
+    lds:             also compute the linear datamodeling score (random subsets).
+    lds_subsets:     number of random subsets for LDS (at least 32).
+    lds_fraction:    fraction of the pretraining set each LDS subset keeps.
+    retrain_tol:     a retraining has converged when ‖∇objective‖ ≤ retrain_tol.
+    retrain_max_iter: iteration cap per retraining.
+    batch_size:      retrainings run together in one batched (vmapped) optimisation.
+    seed:            seed of the random removals and subsets.
+    """
+
+    n_test_points: int = 8
+    k: int = 8
+    group_percents: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
+    lds: bool = False
+    lds_subsets: int = 32
+    lds_fraction: float = 0.5
+    retrain_tol: float = 1e-8
+    retrain_max_iter: int = 200
+    batch_size: int = 64
+    seed: int = 0
