@@ -1,0 +1,289 @@
+"""Plotly figure builders and the statistics they show. Pure functions (no Streamlit)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from explorer.render import HARMFUL, HELPFUL, KIND_COLORS, KIND_LABELS, NEUTRAL, RANDOM
+
+KIND_ORDER = ("helpful", "harmful", "random")
+_FONT = dict(family="Source Sans, Source Sans Pro, sans-serif", size=14)
+PAPER_NOTE = (
+    "For context: Chen et al. (2020), “Multi-Stage Influence Function”, reported Pearson correlations "
+    "of about 0.4–0.6 between predicted and actual loss changes."
+)
+
+
+def _layout(fig: go.Figure, *, height: int = 380, title: str | None = None, **kw) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        margin=dict(l=10, r=10, t=50 if title else 20, b=10),
+        font=_FONT,
+        title=dict(text=title, x=0, xanchor="left") if title else None,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
+        plot_bgcolor="white",
+        **kw,
+    )
+    fig.update_xaxes(showgrid=True, gridcolor="#e6e6e6", zeroline=True, zerolinecolor="#bbbbbb")
+    fig.update_yaxes(showgrid=True, gridcolor="#e6e6e6", zeroline=True, zerolinecolor="#bbbbbb")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def fit_stats(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson, Spearman and least-squares slope of y on x (NaN when undefined), and n."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = int(x.size)
+    out = {"pearson": math.nan, "spearman": math.nan, "slope": math.nan, "n_pairs": n}
+    if n < 2 or np.std(x) == 0:
+        return out
+    out["slope"] = float(np.polyfit(x, y, 1)[0])
+    if np.std(y) == 0:
+        return out
+    out["pearson"] = float(np.corrcoef(x, y)[0, 1])
+    rx = pd.Series(x).rank().to_numpy()
+    ry = pd.Series(y).rank().to_numpy()
+    if np.std(rx) > 0 and np.std(ry) > 0:
+        out["spearman"] = float(np.corrcoef(rx, ry)[0, 1])
+    return out
+
+
+def fmt_stat(v) -> str:
+    if v is None:
+        return "n/a"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "n/a" if not math.isfinite(f) else f"{f:.2f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# test-point page
+
+
+def histogram_counts(scores: np.ndarray, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges and counts of one score row (computed server-side: m can be 10^5 or more)."""
+    s = np.asarray(scores, float)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return np.array([0.0, 1.0]), np.array([0])
+    lo, hi = float(s.min()), float(s.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    # make 0 a bin edge so bars are either helpful or harmful
+    width = (hi - lo) / bins
+    if lo < 0 < hi:
+        n_neg = max(1, int(math.ceil(-lo / width)))
+        n_pos = max(1, int(math.ceil(hi / width)))
+        edges = np.concatenate([np.linspace(-n_neg * width, 0, n_neg + 1)[:-1], np.linspace(0, n_pos * width, n_pos + 1)])
+    else:
+        edges = np.linspace(lo, hi, bins + 1)
+    counts, edges = np.histogram(s, bins=edges)
+    return edges, counts
+
+
+def score_histogram(
+    edges: np.ndarray,
+    counts: np.ndarray,
+    *,
+    helpful_cut: float | None = None,
+    harmful_cut: float | None = None,
+    log_y: bool = True,
+) -> go.Figure:
+    """Bar histogram of one test point's scores; bars right of 0 blue (helpful), left vermillion."""
+    edges = np.asarray(edges, float)
+    counts = np.asarray(counts)
+    centers = (edges[:-1] + edges[1:]) / 2
+    widths = np.diff(edges)
+    colors = [HELPFUL if c > 0 else HARMFUL for c in centers]
+    fig = go.Figure(
+        go.Bar(
+            x=centers, y=counts, width=widths, marker_color=colors, marker_line_width=0,
+            customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+            hovertemplate="score %{customdata[0]:.3g} to %{customdata[1]:.3g}<br>%{y} examples<extra></extra>",
+            name="pretraining examples",
+        )
+    )
+    for cut, color, label in ((helpful_cut, HELPFUL, "shown helpful"), (harmful_cut, HARMFUL, "shown harmful")):
+        if cut is not None and math.isfinite(cut):
+            fig.add_vline(x=cut, line_dash="dot", line_color=color, annotation_text=label,
+                          annotation_position="top", annotation_font_color=color)
+    fig.update_xaxes(title_text="score (predicted loss change if removed)")
+    fig.update_yaxes(title_text="pretraining examples" + (" (log scale)" if log_y else ""),
+                     type="log" if log_y else "linear", dtick=1 if log_y else None)
+    return _layout(fig, height=320, showlegend=False, bargap=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation page
+
+
+def validation_scatter(
+    pairs: pd.DataFrame,
+    *,
+    title: str | None = None,
+    stats: Mapping | None = None,
+    highlight: int | None = None,
+) -> go.Figure:
+    """Predicted (x) against actual (y) loss change, one trace per kind, with the y = x line.
+
+    Every point carries customdata [pretrain_id, test_id], so a selection maps back to examples.
+    ``highlight``: a pretraining id to ring (an extra trace with meta kind "selected").
+    """
+    fig = go.Figure()
+    df = pairs
+    if len(df):
+        lo = float(min(df["predicted"].min(), df["actual"].min()))
+        hi = float(max(df["predicted"].max(), df["actual"].max()))
+        pad = 0.05 * (hi - lo if hi > lo else 1.0)
+        fig.add_trace(go.Scatter(
+            x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x (perfect prediction)",
+            line=dict(color=NEUTRAL, dash="dash", width=1), hoverinfo="skip",
+        ))
+    symbols = {"helpful": "circle", "harmful": "diamond", "random": "square"}
+    kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
+    for kind in kinds:
+        part = df[df["kind"] == kind]
+        fig.add_trace(go.Scatter(
+            x=part["predicted"].astype(float).tolist(),
+            y=part["actual"].astype(float).tolist(),
+            mode="markers",
+            name=KIND_LABELS.get(kind, kind),
+            legendgroup=kind,
+            marker=dict(color=KIND_COLORS.get(kind, RANDOM), size=9, symbol=symbols.get(kind, "circle"),
+                        line=dict(width=0.5, color="white"), opacity=0.85),
+            customdata=np.stack([part["pretrain_id"].astype(int), part["test_id"].astype(int)], axis=1).tolist()
+            if len(part) else [],
+            hovertemplate=(
+                "pretraining example %{customdata[0]}<br>test point %{customdata[1]}<br>"
+                "predicted %{x:.3g}<br>actual %{y:.3g}<extra>" + kind + "</extra>"
+            ),
+            meta={"kind": kind},
+        ))
+    if highlight is not None and len(df):
+        sel = df[df["pretrain_id"] == int(highlight)]
+        if len(sel):
+            fig.add_trace(go.Scatter(
+                x=sel["predicted"].astype(float).tolist(), y=sel["actual"].astype(float).tolist(),
+                mode="markers", name="picked below", hoverinfo="skip", meta={"kind": "selected"},
+                marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=2.5, color="#000000")),
+            ))
+    if stats:
+        text = (f"Pearson {fmt_stat(stats.get('pearson'))} · Spearman {fmt_stat(stats.get('spearman'))}"
+                f" · slope {fmt_stat(stats.get('slope'))} · n = {stats.get('n_pairs', len(df))}")
+        fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom",
+                           showarrow=False, font=dict(size=13, color="#333"))
+    fig.update_xaxes(title_text="predicted loss change (score)")
+    fig.update_yaxes(title_text="actual loss change after retraining")
+    fig = _layout(fig, height=440, title=title)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+                      margin=dict(t=80 if title else 40))
+    return fig
+
+
+def group_curves(group: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Loss change against percent of pretraining data removed, per kind: actual solid, predicted dotted.
+
+    ``group`` rows: kind, percent, predicted, actual (already averaged if several test points).
+    """
+    fig = go.Figure()
+    for kind in [k for k in KIND_ORDER if k in set(group["kind"])]:
+        part = group[group["kind"] == kind].sort_values("percent")
+        color = KIND_COLORS[kind]
+        fig.add_trace(go.Scatter(
+            x=part["percent"], y=part["actual"], mode="lines+markers", name=f"remove top {kind}" if kind != "random" else "remove random",
+            line=dict(color=color, width=3), marker=dict(size=8), legendgroup=kind,
+            hovertemplate="%{x}% removed<br>actual %{y:.3g}<extra></extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=part["percent"], y=part["predicted"], mode="lines", name=f"{kind}: predicted",
+            line=dict(color=color, width=1.5, dash="dot"), legendgroup=kind, showlegend=True,
+            hovertemplate="%{x}% removed<br>predicted %{y:.3g}<extra></extra>",
+        ))
+    fig.update_xaxes(title_text="% of pretraining data removed", ticksuffix="%")
+    fig.update_yaxes(title_text="test loss change")
+    fig = _layout(fig, height=400, title=title)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
+    return fig
+
+
+def method_label(method: str) -> str:
+    return method.replace("_", " ")
+
+
+def baseline_bars(validation: Mapping, baselines: Mapping, *, metric: str = "spearman") -> go.Figure:
+    """Grouped bars: ``metric`` per scenario for multi-stage influence and every baseline."""
+    rows = []
+    for scenario, v in (validation or {}).items():
+        rows.append(("multi-stage influence", scenario, (v or {}).get(metric)))
+    for method, per in (baselines or {}).items():
+        for scenario, v in (per or {}).items():
+            rows.append((method_label(method), scenario, (v or {}).get(metric)))
+    fig = go.Figure()
+    methods = list(dict.fromkeys(r[0] for r in rows))
+    palette = [HELPFUL, "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442", RANDOM]
+    for i, method in enumerate(methods):
+        part = [r for r in rows if r[0] == method]
+        ys = [float(r[2]) if r[2] is not None else None for r in part]
+        fig.add_trace(go.Bar(
+            x=[r[1] for r in part], y=ys, name=method, marker_color=palette[i % len(palette)],
+            text=[fmt_stat(y) for y in ys], textposition="outside",
+            hovertemplate=method + "<br>%{x}: %{y:.3f}<extra></extra>",
+        ))
+    fig.update_xaxes(title_text="scenario")
+    vals = [float(r[2]) for r in rows if r[2] is not None and math.isfinite(float(r[2]))]
+    lo = min([0.0] + vals)
+    fig.update_yaxes(title_text=f"{metric.capitalize()} with actual retraining",
+                     range=[lo - 0.15 if lo < 0 else 0, 1.15])
+    fig.update_traces(cliponaxis=False)
+    fig = _layout(fig, height=380)
+    fig.update_layout(barmode="group")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# pretraining-example page
+
+
+def column_bars(test_ids: Sequence[int], scores: Sequence[float], *, highlight: int | None = None) -> go.Figure:
+    """One pretraining example's score for every scored test point, sorted high to low."""
+    ids = np.asarray(test_ids)
+    s = np.asarray(scores, float)
+    order = np.argsort(-s, kind="stable")
+    ids, s = ids[order], s[order]
+    colors = [HELPFUL if v > 0 else HARMFUL for v in s]
+    line_w = [3 if (highlight is not None and int(t) == int(highlight)) else 0 for t in ids]
+    fig = go.Figure(go.Bar(
+        x=[f"#{int(t)}" for t in ids], y=s.tolist(), marker_color=colors,
+        marker_line=dict(color="#000000", width=line_w),
+        customdata=ids.astype(int).tolist(),
+        hovertemplate="test point %{customdata}<br>score %{y:.3g}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="scored test points (sorted)", type="category",
+                     showticklabels=len(ids) <= 40)
+    fig.update_yaxes(title_text="score")
+    return _layout(fig, height=300, showlegend=False)
+
+
+def timings_bars(timings: Mapping[str, float]) -> go.Figure:
+    items = [(k, float(v)) for k, v in (timings or {}).items() if isinstance(v, (int, float))]
+    fig = go.Figure(go.Bar(
+        y=[k for k, _ in items], x=[v for _, v in items], orientation="h", marker_color=NEUTRAL,
+        text=[f"{v:.2f} s" for _, v in items], textposition="auto",
+        hovertemplate="%{y}: %{x:.3f} s<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="seconds")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, height=max(180, 40 * len(items) + 80), showlegend=False)

@@ -1,0 +1,113 @@
+"""Streamlit building blocks shared by the pages (examples as image grids or text cards)."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import streamlit as st
+
+from explorer import data, render
+from explorer.state import Ctx
+
+GRID_SIZE = 96
+BIG_SIZE = 224
+
+
+def md(html_text: str) -> None:
+    st.markdown(html_text, unsafe_allow_html=True)
+
+
+def section_header(title: str, kind: str, subtitle: str | None = None) -> None:
+    """A coloured heading for a helpful / harmful / neutral block."""
+    sub = f'<div class="mi-sub">{html.escape(subtitle)}</div>' if subtitle else ""
+    md(f'<div class="mi-head mi-head-{kind}"><span class="mi-dot"></span>{html.escape(title)}</div>{sub}')
+
+
+def score_legend() -> None:
+    md(
+        '<div class="mi-legend">'
+        '<span class="mi-chip mi-helpful">helpful: score &gt; 0</span>'
+        '<span class="mi-chip mi-harmful">harmful: score &lt; 0</span>'
+        '<div class="mi-legend-text">score = predicted change of this test point\'s loss if the '
+        "pretraining example is removed and both stages are retrained.</div></div>"
+    )
+
+
+def flag_text(row) -> str | None:
+    if bool(row.get("flipped", False)):
+        orig = row.get("original_label_name")
+        return f"noisy (true {orig})" if orig is not None else "noisy label"
+    return None
+
+
+def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE) -> None:
+    """Images of ranked pretraining examples with rank, score, id, label and a noise flag."""
+    border = render.KIND_COLORS.get(kind)
+    records = rows.to_dict("records")
+    for start in range(0, len(records), per_row):
+        cols = st.columns(per_row, gap="small")
+        for col, r in zip(cols, records[start:start + per_row]):
+            with col:
+                png = data.image_png(ctx.key, "pretrain", int(r["pretrain_id"]), size, border)
+                st.image(png, width="stretch")
+                md(render.caption_html(
+                    [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
+                    kind=kind, flag=flag_text(r),
+                ))
+
+
+def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300) -> None:
+    """Text cards of ranked pretraining examples, words shared with the test text highlighted."""
+    vocab = data.vocabulary(ctx.key)
+    parts = []
+    for r in rows.to_dict("records"):
+        words = render.shared_words(test_text, r.get("text", ""), vocab)
+        badges = [f"label {r['label_name']}"]
+        if flag_text(r):
+            badges.append("⚑ " + flag_text(r))
+        shared = ", ".join(sorted(words)[:8])
+        parts.append(render.text_card_html(
+            r.get("text", ""),
+            title=f"#{r['rank']} · {render.format_score(r['score'])} · id {r['pretrain_id']}",
+            kind=kind, words=words, max_chars=max_chars, badges=badges,
+            footer=f"shared words: {shared}" if shared else None,
+        ))
+    md('<div class="mi-cards">' + "".join(parts) + "</div>")
+
+
+def examples(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str | None, per_row: int = 6) -> None:
+    if rows.empty:
+        st.caption("No examples.")
+    elif ctx.is_image:
+        example_grid(ctx, rows, kind, per_row=per_row)
+    else:
+        text_cards(ctx, rows, kind, test_text or "")
+
+
+def big_test_example(ctx: Ctx, info: dict, size: int = BIG_SIZE) -> None:
+    if ctx.is_image:
+        st.image(data.image_png(ctx.key, "test", info["test_id"], size, render.NEUTRAL), width=size)
+    else:
+        md(render.text_card_html(info["text"] or "", title=f"Test point #{info['test_id']}", kind="test",
+                                 max_chars=1500, footer=info["source"]))
+
+
+def big_pretrain_example(ctx: Ctx, info: dict, size: int = 192, highlight_with: str | None = None) -> None:
+    if ctx.is_image:
+        st.image(data.image_png(ctx.key, "pretrain", info["pretrain_id"], size, render.NEUTRAL), width=size)
+    else:
+        words = render.shared_words(highlight_with, info["text"], data.vocabulary(ctx.key)) if highlight_with else set()
+        md(render.text_card_html(info["text"] or "", title=f"Pretraining example #{info['pretrain_id']}",
+                                 kind="neutral", words=words, max_chars=1500, footer=info["source"]))
+
+
+def verdict_html(correct: bool) -> str:
+    return ('<span class="mi-verdict mi-ok">✓ correct</span>' if correct
+            else '<span class="mi-verdict mi-bad">✗ misclassified</span>')
+
+
+def facts(items: list[tuple[str, str]]) -> None:
+    """A compact definition list (label: value), values already plain text."""
+    body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+    md(f'<dl class="mi-facts">{body}</dl>')

@@ -1,0 +1,182 @@
+"""Explorer in a real browser: a Streamlit server driven by Playwright with the system Chromium.
+
+Skipped (with a reason) only when /usr/bin/chromium is absent and $CI is not set; under CI it runs.
+Screenshots go to test-artifacts/; with UPDATE_SCREENSHOTS=1 they are also copied to assets/.
+Never run `playwright install`: the system Chromium is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from run_factory import write_synthetic_run  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = REPO / "test-artifacts"
+IMG = "[data-testid='stImage'] img"
+HELPFUL_IMG = ".st-key-helpful_examples [data-testid='stImage'] img"
+
+if not CHROMIUM.exists() and not os.environ.get("CI"):
+    pytest.skip(f"{CHROMIUM} not found (install chromium with apt; under CI=true this test must run)",
+                allow_module_level=True)
+
+if not os.environ.get("CI"):
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser_runs(tmp_path_factory) -> tuple[Path, str]:
+    """(runs root, image run name). Swap for a real quick pipeline run if wanted."""
+    root = tmp_path_factory.mktemp("browser-runs")
+    write_synthetic_run(root, "digits-synth", modality="image", m=600, n_test=60, T=12, noisy=True)
+    return root, "digits-synth"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not become healthy at {url} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def server(browser_runs, tmp_path_factory):
+    root, _ = browser_runs
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit-log") / "streamlit.log"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--", "--runs", str(root),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "EXPLORER_RUNS_DIR"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        if proc.returncode not in (0, -signal.SIGTERM, None):
+            print(log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _srcs(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(selector, "els => els.map(e => e.getAttribute('src'))")
+
+
+def _settle(page, seconds: float = 1.5) -> None:
+    """Wait until Streamlit reports no running script, then a moment for images and charts."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000
+    )
+    time.sleep(seconds)
+
+
+def _save(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    out = ARTIFACTS / name
+    page.screenshot(path=str(out))
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(out, REPO / "assets" / name)
+    return out
+
+
+def test_test_point_page_images_and_next(server, browser, browser_runs):
+    _, name = browser_runs
+    page = browser.new_page(viewport={"width": 1440, "height": 1500})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/?run={name}&scenario=fixed")
+    page.wait_for_selector(HELPFUL_IMG, timeout=60_000)
+    _settle(page)
+    assert page.locator(IMG).count() >= 1 + 2 * 12
+    # images really decoded (natural size > 0), not broken links
+    assert page.eval_on_selector_all(IMG, "els => els.every(e => e.complete && e.naturalWidth > 0)")
+    page.wait_for_selector(".js-plotly-plot", timeout=30_000)
+    assert "Most helpful" in page.content() and "Most harmful" in page.content()
+    assert "test=" in page.url
+    _save(page, "screenshot-test-point.png")
+
+    before = _srcs(page, HELPFUL_IMG)
+    first_test = page.url.split("test=")[1].split("&")[0]
+    page.get_by_role("button", name="Next ▶").click()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _srcs(page, HELPFUL_IMG) == before:
+        time.sleep(0.3)
+    after = _srcs(page, HELPFUL_IMG)
+    assert after and after != before, "the helpful examples did not change after 'Next'"
+    _settle(page, 0.5)
+    assert "test=" in page.url and page.url.split("test=")[1].split("&")[0] != first_test
+    assert not errors, errors
+    page.close()
+
+
+def test_validation_page_scatter(server, browser, browser_runs):
+    _, name = browser_runs
+    page = browser.new_page(viewport={"width": 1440, "height": 1300})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/validation?run={name}&scenario=fixed")
+    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    _settle(page, 2.0)
+    # two scatters with their points drawn (SVG markers), plus group curves and baseline bars
+    assert page.locator(".js-plotly-plot").count() >= 3
+    assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 24
+    assert "Do the scores predict actual retraining?" in page.content()
+    _save(page, "screenshot-validation.png")
+    assert not errors, errors
+    page.close()
