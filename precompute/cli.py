@@ -1,9 +1,25 @@
-"""Command line: `python -m precompute check` and `python -m precompute --preset ... --out runs/NAME`."""
+"""Command line.
+
+    python -m precompute check                               is the math right on this machine?
+    python -m precompute --preset digits --out runs/digits   one run
+    python -m precompute --preset demo                       the demo runs the explorer opens
+
+Every knob maps onto the dataclasses in ``precompute.config`` (their docstrings say what each means).
+Bad input stops with one line, ``error: ...``, and exit status 2; nothing half-written is left.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+
+from .presets import PRESET_MODELS
+from .config import (SCENARIOS, SOLVERS, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
+                     SolverConfig, TrainConfig, ValidationConfig)
+
+DEMO_RUNS = (("digits", {}), ("news", {}))
+QUICK_VALIDATION = ValidationConfig(n_test_points=3, k=3, group_percents=(5.0, 10.0))
 
 
 def check_main(argv: list[str]) -> int:
@@ -30,9 +46,138 @@ def check_main(argv: list[str]) -> int:
     return 0 if result.passed else 1
 
 
+def _csv(kind=str):
+    return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m precompute",
+        description="Train both stages, score every pretraining example for chosen finetune test points "
+                    "with the multi-stage influence function, check the scores by retraining, and write a "
+                    "run directory for the explorer. Score = predicted change of the test loss if the "
+                    "pretraining example is removed (> 0 helpful, < 0 harmful). "
+                    "Also: 'python -m precompute check' verifies the math against finite differences.")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--preset", choices=("digits", "news", "custom", "demo"), default="demo",
+                   help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
+                        "business/politics/tech, finetune entertainment vs sports; custom: your files "
+                        "(--pretrain-data); demo: digits and news into the runs root (default)")
+    g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
+                                 "(default runs)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run (the old one is kept until the new one is complete)")
+    g.add_argument("--quick", action="store_true", help="small sizes for smoke tests (each preset < 1 min)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda (default auto)")
+    g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="float64 resolves leave-one-out loss changes in the retraining check (default)")
+    g.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and random removals")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the preset models are small, and more threads "
+                        "only spin-wait; raise it for large models)")
+
+    g = p.add_argument_group("influence")
+    g.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="inverse-Hessian solver: exact (dense), cg, lissa, arnoldi; auto = exact up to 6,000 "
+                        "parameters, else cg (default auto)")
+    g.add_argument("--damping", type=float, default=0.0, help="λ added to every Hessian (default 0)")
+    g.add_argument("--rank", type=int, default=128, help="arnoldi: eigenpairs kept (default 128)")
+    g.add_argument("--max-iter", type=int, default=1000, help="cg/lissa iterations at most (default 1000)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="proximal coefficient α of the 'updated' scenario (default 1)")
+    g.add_argument("--scenarios", type=_csv(), default=SCENARIOS, help="fixed,updated (default both)")
+    g.add_argument("--n-test", type=int, default=None,
+                   help="number of finetune test points to score, covering every class with right and "
+                        "wrong predictions (default 32, quick 6)")
+    g.add_argument("--test-ids", type=_csv(int), default=(), help="explicit finetune test ids, e.g. 0,5,9")
+    g.add_argument("--chunk-size", type=int, default=256, help="pretraining examples per scoring chunk")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, help="embedding width (default: digits 16, news 8, custom 16)")
+    g.add_argument("--pretrain-l2", type=float, help="λ_P on the pretraining parameters (default 1e-2)")
+    g.add_argument("--finetune-l2", type=float, help="λ_F on the finetuning head (default 1e-2)")
+    g.add_argument("--vocabulary", type=int, help="text: tf-idf vocabulary size (default 400)")
+
+    g = p.add_argument_group("validation by retraining")
+    g.add_argument("--no-validate", action="store_true", help="skip retraining validation and baselines")
+    g.add_argument("--val-points", type=int, default=None, help="validation test points (default 8, quick 3)")
+    g.add_argument("--k", type=int, default=None, help="leave-one-out removals per kind (default 8, quick 3)")
+    g.add_argument("--group-percents", type=_csv(float), default=None, help="group removal sizes (default 1,2,5,10)")
+    g.add_argument("--lds", action="store_true", help="also compute the linear datamodeling score")
+
+    g = p.add_argument_group("your own data (--preset custom)")
+    g.add_argument("--pretrain-data", default="", help="image folder root/<class>/*.png, a .csv/.jsonl text "
+                                                        "file, or MNIST IDX files as IMAGES,LABELS")
+    g.add_argument("--finetune-data", default="", help="same formats; omit to split --pretrain-data by classes")
+    g.add_argument("--pretrain-classes", type=_csv(), default=(), help="class names of the pretraining task")
+    g.add_argument("--finetune-classes", type=_csv(), default=(), help="class names of the finetuning task")
+    g.add_argument("--text-column", default="text", help="text column of CSV/JSONL files (default text)")
+    g.add_argument("--label-column", default="label", help="label column of CSV/JSONL files (default label)")
+    g.add_argument("--finetune-test-fraction", type=float, default=0.5, help="finetune examples held out as test points")
+    g.add_argument("--label-noise", type=float, default=0.0,
+                   help="flip this fraction of pretraining labels (recorded, to score mislabel detection)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConfig:
+    solver = SolverConfig(args.solver, damping=args.damping, rank=args.rank, max_iter=args.max_iter)
+    validation = QUICK_VALIDATION if args.quick else ValidationConfig()
+    validation = replace(validation, seed=args.seed, lds=args.lds,
+                         **{k: v for k, v in (("n_test_points", args.val_points), ("k", args.k),
+                                              ("group_percents", args.group_percents)) if v is not None})
+    return RunConfig(
+        out=out,
+        data=DataConfig(preset=preset, pretrain_data=args.pretrain_data, finetune_data=args.finetune_data,
+                        pretrain_classes=args.pretrain_classes, finetune_classes=args.finetune_classes,
+                        text_column=args.text_column, label_column=args.label_column,
+                        finetune_test_fraction=args.finetune_test_fraction, label_noise=args.label_noise,
+                        seed=args.seed),
+        model=replace(PRESET_MODELS.get(preset, ModelConfig()),
+                      **{k: v for k, v in (("hidden", args.hidden), ("pretrain_l2", args.pretrain_l2),
+                                           ("finetune_l2", args.finetune_l2), ("vocabulary", args.vocabulary))
+                         if v is not None}),
+        train=TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
+        influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
+                                  finetune_solver=solver, chunk_size=args.chunk_size),
+        validation=validation, device=args.device, dtype=args.dtype,
+        n_test_points=args.n_test or (6 if args.quick else 32), test_ids=tuple(args.test_ids),
+        validate=not args.no_validate, quick=args.quick, overwrite=args.overwrite)
+
+
+def pipeline_main(argv: list[str]) -> int:
+    from .data import DataError
+    from .pipeline import run_pipeline
+    from .runstore import RunStoreError
+    from .solvers import SolverError
+    from .task import TaskError
+
+    args = build_parser().parse_args(argv)
+    import torch
+    torch.set_num_threads(max(1, args.threads))
+    if args.preset == "demo":
+        root = args.out or "runs"
+        jobs = [(name, f"{root}/{name}", extra) for name, extra in DEMO_RUNS]
+    else:
+        jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
+    for preset, out, extra in jobs:
+        try:
+            config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
+            print(f"== {preset} -> {out}", flush=True)
+            summary = run_pipeline(config)
+        except (DataError, TaskError, SolverError, RunStoreError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"interrupted: nothing was written to {out}", file=sys.stderr)
+            return 130
+        print("\n".join(summary.lines()), flush=True)
+    if args.preset == "demo":
+        print(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
-    from .pipeline_cli import pipeline_main
     return pipeline_main(argv)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SOLVERS = ("exact", "cg", "lissa", "arnoldi")
+SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
+AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
 
 
@@ -16,7 +17,8 @@ SCENARIOS = ("fixed", "updated")
 class SolverConfig:
     """How to apply an inverse Hessian, ``x = (H + damping·I)⁻¹ b``.
 
-    name:     "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
+    name:     "auto" ("exact" up to AUTO_EXACT_MAX_DIM parameters, else "cg"),
+              "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
               "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side).
@@ -32,7 +34,7 @@ class SolverConfig:
     seed:     seed of the random start vectors of power iteration, Lanczos and Arnoldi.
     """
 
-    name: str = "exact"
+    name: str = "auto"
     damping: float = 0.0
     max_iter: int = 1000
     tol: float = 1e-6
@@ -50,19 +52,23 @@ class SolverConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Deterministic full-batch training of a stage (L-BFGS with a strong-Wolfe line search).
+    """Deterministic full-batch training of a stage: L-BFGS, then Newton steps.
 
-    max_iter:  L-BFGS iterations at most.
-    grad_tol:  stop when the gradient norm of the objective falls below it.
-    newton_polish: Newton steps with a dense Hessian after L-BFGS, when the stage has at most
-               ``newton_max_params`` parameters (reaches machine precision; used by the check).
+    max_iter:   L-BFGS iterations at most.
+    lbfgs_tol:  L-BFGS stops when the gradient norm falls below it.
+    grad_tol:   target gradient norm; a stage has converged when ‖∇‖ ≤ grad_tol.
+    history_size: L-BFGS memory.
+    newton_polish: Newton steps (dense Hessian, with a step-halving safeguard) after L-BFGS, when
+                the stage has at most ``newton_max_params`` parameters; they reach machine
+                precision in a few steps near a minimum, which the retraining check relies on.
     """
 
-    max_iter: int = 500
-    grad_tol: float = 1e-6
+    max_iter: int = 3000
+    lbfgs_tol: float = 1e-4
+    grad_tol: float = 1e-9
     history_size: int = 20
-    newton_polish: int = 0
-    newton_max_params: int = 4000
+    newton_polish: int = 20
+    newton_max_params: int = 6000
 
 
 @dataclass(frozen=True)
@@ -125,3 +131,80 @@ class ValidationConfig:
     retrain_max_iter: int = 200
     batch_size: int = 64
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The preset models: embedding = Linear(d_in, hidden) + tanh, heads = Linear(hidden, classes).
+
+    hidden:       embedding width.
+    pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.
+    vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
+    """
+
+    hidden: int = 16
+    pretrain_l2: float = 1e-3
+    finetune_l2: float = 1e-3
+    vocabulary: int = 400
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the two tasks' examples come from.
+
+    preset:            "digits", "news" or "custom" (users' files below).
+    pretrain_data / finetune_data: custom sources: an image folder (root/<class>/*.png), a CSV/JSONL
+                       text file, or MNIST IDX as "IMAGES.idx,LABELS.idx". finetune_data may be
+                       omitted to split one source by classes.
+    pretrain_classes / finetune_classes: class names (or ids) of each task; empty = all classes of
+                       that source.
+    text_column / label_column: columns of CSV/JSONL sources.
+    finetune_test_fraction: share of the finetune examples held out as finetune test points.
+    max_pretrain / max_finetune: per-class caps (0 = no cap); quick mode sets small caps.
+    label_noise:       fraction of pretraining labels flipped to another class (0 = none).
+    seed:              seed of splits, subsampling and label noise.
+    """
+
+    preset: str = "digits"
+    pretrain_data: str = ""
+    finetune_data: str = ""
+    pretrain_classes: tuple[str, ...] = ()
+    finetune_classes: tuple[str, ...] = ()
+    text_column: str = "text"
+    label_column: str = "label"
+    finetune_test_fraction: float = 0.5
+    max_pretrain: int = 0
+    max_finetune: int = 0
+    label_noise: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One precompute run: data -> training -> influence -> validation -> run directory.
+
+    out:          the run directory to write (atomically).
+    device:       "cpu", "cuda" or "auto" (cuda when available).
+    dtype:        "float64" (default: leave-one-out loss changes are ~1e-4 and need it to be
+                  resolved by retraining) or "float32".
+    n_test_points: test points scored when test_ids is empty (chosen to cover every class with
+                  right and wrong predictions).
+    test_ids:     explicit finetune test ids to score.
+    validate:     run the retraining validation and baselines.
+    quick:        small sizes for tests and smoke runs (each preset well under a minute).
+    overwrite:    replace an existing run directory (only after the new one is complete).
+    """
+
+    out: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    device: str = "auto"
+    dtype: str = "float64"
+    n_test_points: int = 32
+    test_ids: tuple[int, ...] = ()
+    validate: bool = True
+    quick: bool = False
+    overwrite: bool = False

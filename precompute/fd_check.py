@@ -22,9 +22,9 @@ from .training import TrainedStages, finetune_fixed, finetune_updated, pretrain,
 
 TOLERANCE = 1e-4
 # L-BFGS gets close, dense Newton then reaches machine precision (P is about 100 here).
-TIGHT = TrainConfig(max_iter=300, grad_tol=1e-6, newton_polish=6)
+TIGHT = TrainConfig(max_iter=300, lbfgs_tol=1e-6, grad_tol=1e-12, newton_polish=8)
 # Re-solves start at the trained optimum, a perturbation of size h away: Newton alone suffices.
-NEWTON = TrainConfig(max_iter=0, grad_tol=1e-10, newton_polish=4)
+NEWTON = TrainConfig(max_iter=0, grad_tol=1e-12, newton_polish=6)
 
 
 def build_check_task(seed: int = 0, n_pretrain: int = 60, n_finetune: int = 40, n_test: int = 8,

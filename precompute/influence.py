@@ -23,13 +23,11 @@ from torch.func import grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from .config import InfluenceConfig, SolverConfig
+from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
-SCORE_DEFINITION = (
-    "score(z, x_t) = -I_up(z, x_t) / m = predicted change of the test loss of x_t if pretraining "
-    "example z is removed; score > 0: z is helpful (removing it raises the loss), score < 0: z is harmful.")
 
 
 def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:

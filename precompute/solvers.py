@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
-from .config import SolverConfig
+from .config import AUTO_EXACT_MAX_DIM, SolverConfig
 
 BatchedHVP = Callable[[Tensor], Tensor]
 """[D, k] -> [D, k]: H @ V for a symmetric H, without damping."""
@@ -240,6 +240,8 @@ _SOLVERS: dict[str, type[InverseHVP]] = {
 def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dtype,
                 device: torch.device | str) -> InverseHVP:
     """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
+    if config.name == "auto":
+        config = replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
     return _SOLVERS[config.name](hvp, dim, config, dtype, device)
 
 

@@ -36,10 +36,10 @@ class TrainResult:
 
 
 def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None) -> TrainResult:
-    """Full-batch L-BFGS from ``x0`` until ‖∇‖ ≤ grad_tol or max_iter, then optional Newton polish."""
+    """Full-batch L-BFGS from ``x0`` until ‖∇‖ ≤ lbfgs_tol or max_iter, then Newton polish."""
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=config.history_size,
-                            tolerance_grad=config.grad_tol / 10, tolerance_change=1e-15,
+                            tolerance_grad=min(config.lbfgs_tol, 1e-7) / 10, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -51,29 +51,58 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         return value
 
     iterations = 0
-    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None)
-    while iterations < config.max_iter:
+    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
+    while iterations < config.max_iter and _grad_norm(objective, x) > config.lbfgs_tol:
         opt.step(closure)
         done = opt.state[opt._params[0]]["n_iter"]
         bar.update(done - iterations)
         stalled = done == iterations
         iterations = done
-        if _grad_norm(objective, x) <= config.grad_tol or stalled:
+        if stalled:
             break
     bar.close()
     params = x.detach()
     if config.newton_polish and params.numel() <= config.newton_max_params:
-        params = newton_polish(objective, params, config.newton_polish)
+        params = newton_polish(objective, params, config.newton_polish, config.grad_tol)
     gnorm = _grad_norm(objective, params)
     return TrainResult(params, float(objective(params)), gnorm, iterations, gnorm <= config.grad_tol)
 
 
-def newton_polish(objective: Objective, x: Tensor, steps: int) -> Tensor:
-    """Dense Newton steps; quadratic convergence near a minimum with a positive definite Hessian."""
+def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0) -> Tensor:
+    """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
+
+    Near a minimum this is plain Newton and converges quadratically. Where the gradient has
+    vanished but the Hessian has a negative eigenvalue (a saddle, where influence functions do not
+    apply) it steps along that eigenvector and carries on, so training ends at a true minimum.
+    """
+    from .config import SolverConfig
+    from .influence import batched_hvp
+    from .solvers import ExactSolver
+
+    value = float(objective(x))
     for _ in range(steps):
         g = torch.func.grad(objective)(x)
-        h = torch.func.hessian(objective)(x)
-        x = x - torch.linalg.solve(h, g)
+        hessian = ExactSolver(batched_hvp(objective, x, rhs_block=256), x.numel(), SolverConfig("exact"),
+                              x.dtype, x.device).hessian()
+        evals, evecs = torch.linalg.eigh(hessian)
+        at_stationary_point = float(g.norm()) <= grad_tol
+        if at_stationary_point and evals[0] > 0:
+            break
+        if at_stationary_point:   # saddle: both signs of the lowest eigenvector go downhill
+            direction = evecs[:, 0] * (1.0 if float(g @ evecs[:, 0]) >= 0 else -1.0)
+        else:
+            floor = 1e-10 * float(evals.abs().max())
+            direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
+        step = 1.0
+        while step > 1e-6:
+            candidate = (x - step * direction).detach()
+            new_value = float(objective(candidate))
+            if new_value < value or (new_value == value and not at_stationary_point):
+                x, value = candidate, new_value
+                break
+            step /= 2
+        else:
+            break
     return x.detach()
 
 

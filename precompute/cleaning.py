@@ -1,0 +1,416 @@
+"""Debugging mislabeled pretraining data: rank suspects, measure detection, clean and retrain.
+
+Every signal is one float per pretraining example z, HIGHER = MORE SUSPICIOUS. With
+g_z = ∇_p ℓ_P(z; p*) (p = [θ; W]) and the pretraining Hessian H_P (+ the solver's damping λ):
+
+    multi_stage_harmfulness  −Σ_{t ∈ suspects} score(z, t) = −g_z · (Σ_t s_t) / m
+                             the predicted DROP of the summed test loss of the suspect finetune test
+                             points (default: the misclassified ones) if z is removed and both stages
+                             are retrained. The T test-side vectors s_t are summed first, so the
+                             whole column costs one streamed pass with a single right-hand side.
+    self_influence           g_zᵀ (H_P + λI)⁻¹ g_z ≥ 0: m × the predicted rise of z's own loss if z is
+                             removed (how much the model bent to fit z).
+    pretrain_loss            ℓ_P(z; p*).
+    margin                   max_{k ≠ y_z} logit_k − logit_{y_z}: > 0 when the pretrained model
+                             prefers another class than the given label.
+    cleanlab                 confident learning on OUT-OF-SAMPLE probabilities (K-fold retraining of
+                             the pretraining stage): examples that ``cleanlab.filter.find_label_issues``
+                             flags score 1 + (1 − p̂(given label)), the others 1 − p̂(given label); so
+                             cleanlab's flagged set ranks first, ordered by self-confidence.
+
+``suggested_label`` (int) is the argmax of the out-of-sample probabilities.
+
+``run_cleaning`` is the one entry point for the pipeline: signals, detection metrics against the
+injected noise, and clean-and-retrain (remove the top x% of each signal, retrain both stages warm-
+started, measure the finetune test accuracy and loss), written to ``cleaning/signals.parquet``,
+``cleaning/retrain.parquet`` and the manifest's ``mislabel_detection``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .config import InfluenceConfig, ValidationConfig
+from .influence import per_example_gradients, pretrain_solver, score_pretraining, stacked_test_vectors
+from .retraining import Retrainer, preconditioned_lbfgs, retrain
+from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
+from .task import TaskError, TwoStageTask
+from .training import TrainedStages
+
+SIGNALS = ("multi_stage_harmfulness", "self_influence", "pretrain_loss", "margin", "cleanlab")
+"""Signal columns of ``cleaning/signals.parquet``, in display order (higher = more suspicious)."""
+NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")
+RECALL_PERCENTS = (5, 10, 20)
+TOP_HARMFUL = 20
+
+PROTOCOL = (
+    "Clean-and-retrain: for each signal, the top x% pretraining examples are removed (weight 0, "
+    "denominator m fixed) and both stages are retrained warm-started from the trained parameters "
+    "(batched preconditioned L-BFGS); finetune test accuracy and mean loss are measured on the whole "
+    "finetune test set. Baselines: nothing removed ('none', the same retraining protocol), a random x% "
+    "('random') and the truly flipped examples ('oracle'). cleanlab uses out-of-sample probabilities "
+    "from K-fold retraining of the pretraining stage (warm-started at p*).")
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    """Knobs of ``run_cleaning``.
+
+    scenario:  scenario whose scores define multi_stage_harmfulness (None: the first scored one).
+    folds:     K of the K-fold out-of-sample probabilities behind the cleanlab signal.
+    percents:  removal sizes of clean-and-retrain, in percent of the pretraining set.
+    retrain_tol / retrain_max_iter / batch_size: batched retraining (see precompute.retraining).
+    seed:      seed of the folds and of the random removals.
+    """
+
+    scenario: str | None = None
+    folds: int = 5
+    percents: tuple[float, ...] = (2.0, 5.0, 10.0)
+    retrain_tol: float = 1e-7
+    retrain_max_iter: int = 300
+    batch_size: int = 32
+    seed: int = 0
+
+    def validation(self) -> ValidationConfig:
+        return ValidationConfig(retrain_tol=self.retrain_tol, retrain_max_iter=self.retrain_max_iter,
+                                batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass
+class CleaningResult:
+    """What ``run_cleaning`` produced.
+
+    signals:   DataFrame [m rows]: id, one float column per signal, suggested_label (+ flipped).
+    detection: {signal: {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}} and, when there are
+               misclassified test points, "top20_harmful_of_misclassified": {"flipped_in_top20_harmful",
+               "base_rate", "n_test_points"}. Empty without ground truth (flipped is None).
+    retrain:   DataFrame: signal, percent, scenario, n_removed, test_accuracy, test_loss, converged.
+    scenario / suspect_test_ids: what multi_stage_harmfulness was computed for.
+    """
+
+    signals: pd.DataFrame
+    detection: dict
+    retrain: pd.DataFrame
+    scenario: str
+    suspect_test_ids: list[int]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    protocol: str = PROTOCOL
+
+
+# ---- per-example quantities ----------------------------------------------------------------------
+
+def misclassified_test_ids(task: TwoStageTask, q: Tensor) -> np.ndarray:
+    """Finetune test ids the finetuned model q gets wrong, int64 [k] (may be empty)."""
+    with torch.no_grad():
+        pred = task.finetune_outputs(q, task.test_x).argmax(1)
+    return (pred != task.test_y).nonzero()[:, 0].cpu().numpy().astype(np.int64)
+
+
+def finetune_test_metrics(task: TwoStageTask, q: Tensor) -> tuple[float, float]:
+    """(accuracy, mean loss) of q on the whole finetune test set."""
+    with torch.no_grad():
+        out = task.finetune_outputs(q, task.test_x)
+        loss = task.finetune_loss(out, task.test_y).mean()
+    return float((out.argmax(1) == task.test_y).double().mean()), float(loss)
+
+
+def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size: int = 256) -> np.ndarray:
+    """g_zᵀ (H_P + λI)⁻¹ g_z for every pretraining example, float64 [m], streamed in chunks.
+
+    exact:   H = V Λ Vᵀ once, then ‖(Λ + λ)^{-1/2} Vᵀ g‖² per example (exact).
+    arnoldi: the same on the kept rank-r eigenpairs: the part of g outside the top-r subspace is
+             dropped (an underestimate, as for the scores).
+    cg/lissa: one batched solve per chunk, g · solve(g) (chunk_size right-hand sides per solve).
+    """
+    if isinstance(solver, ExactSolver):
+        evals, evecs = solver.eigh()
+    elif isinstance(solver, ArnoldiSolver):
+        evals, evecs = solver.factorise()
+    else:
+        evals = evecs = None
+    if evecs is not None:
+        scale = (evals + solver.damping).rsqrt()
+    out = np.empty(task.m)
+    with torch.no_grad():
+        for start in range(0, task.m, chunk_size):
+            sl = slice(start, min(start + chunk_size, task.m))
+            g = per_example_gradients(task, p, task.pretrain_x[sl], task.pretrain_y[sl])       # [B, P]
+            if evecs is not None:
+                value = ((g @ evecs) * scale).square().sum(1)
+            else:
+                value = (g * solver.solve(g.T)[0].T).sum(1)
+            out[sl] = value.cpu().numpy()
+    return out
+
+
+def _pretrain_logits(task: TwoStageTask, p: Tensor, rows: slice | Tensor = slice(None)) -> Tensor:
+    with torch.no_grad():
+        return task.pretrain_outputs(p, task.pretrain_x[rows])
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold id in 0..k-1 per example, int64 [m]; every class spread evenly over the folds."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)
+    return fold
+
+
+def out_of_sample_probabilities(task: TwoStageTask, trained: TrainedStages, retrainer: Retrainer,
+                                folds: int, tol: float, max_iter: int, seed: int = 0) -> np.ndarray:
+    """K-fold out-of-sample class probabilities of the pretraining model, float64 [m, C].
+
+    Fold f's model is the pretraining stage retrained without fold f (weights 0 there and
+    m/(m − |fold|) elsewhere, so the objective is the mean over the kept examples), warm-started at
+    p*; all K models are optimised together (batched). Warm starting from p*, which saw every
+    example, can leak a little in-sample memory into non-convex models; the retrained optimum no
+    longer contains the held-out examples' loss terms.
+    """
+    labels = task.pretrain_y.cpu().numpy()
+    fold = stratified_folds(labels, folds, seed)
+    weights = torch.zeros(folds, task.m, dtype=task.dtype, device=task.device)
+    for f in range(folds):
+        keep = torch.as_tensor(fold != f, device=task.device)
+        weights[f, keep] = task.m / float(keep.sum())
+    fit = preconditioned_lbfgs(retrainer.objectives["pretrain"], trained.p.expand(folds, -1), weights,
+                               retrainer.precond["pretrain"], tol, max_iter)
+    probs = None
+    for f in range(folds):
+        rows = torch.as_tensor(np.flatnonzero(fold == f), device=task.device)
+        logits = _pretrain_logits(task, fit.params[f], rows)
+        probs = np.zeros((task.m, logits.shape[1])) if probs is None else probs
+        probs[rows.cpu().numpy()] = torch.softmax(logits, 1).cpu().numpy()
+    return probs
+
+
+def cleanlab_signal(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Confident-learning suspicion, float64 [m]: flagged by find_label_issues → 1 + (1 − p̂_y), else 1 − p̂_y."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    return issues.astype(np.float64) + (1.0 - quality)
+
+
+# ---- signals --------------------------------------------------------------------------------------
+
+def suspect_test_vectors(task: TwoStageTask, trained: TrainedStages, scenario: str, suspect_test_ids,
+                         config: InfluenceConfig, solver: InverseHVP | None = None) -> Tensor:
+    """Test-side vectors S = H_P⁻¹ [g_t; 0_W] of the suspect test points in one scenario, [P, T]."""
+    vectors, _ = stacked_test_vectors(task, trained, suspect_test_ids, replace(config, scenarios=(scenario,)),
+                                      solver)
+    return vectors[scenario]
+
+
+def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, suspect_test_ids,
+                    config: InfluenceConfig, flipped: np.ndarray | None = None, *,
+                    cleaning: CleaningConfig = CleaningConfig(), solver: InverseHVP | None = None,
+                    retrainer: Retrainer | None = None, vectors: Tensor | None = None) -> pd.DataFrame:
+    """One row per pretraining example: id, the SIGNALS (higher = more suspicious), suggested_label.
+
+    suspect_test_ids: finetune test ids whose summed loss defines multi_stage_harmfulness (for
+    example the misclassified ones). flipped (bool [m], optional ground truth) is copied into a
+    ``flipped`` column for evaluation; no signal uses it. ``solver`` / ``retrainer`` / ``vectors``
+    (S [P, T] of the suspects) let a caller reuse work it has already done.
+    """
+    p = trained.p
+    solver = solver or pretrain_solver(task, p, config.pretrain_solver)
+    if vectors is None:
+        vectors = suspect_test_vectors(task, trained, scenario, suspect_test_ids, config, solver)
+    harm = -score_pretraining(task, p, vectors.sum(1, keepdim=True), config.chunk_size, progress=False)[0]
+
+    labels = task.pretrain_y
+    logits = _pretrain_logits(task, p)
+    with torch.no_grad():
+        loss = task.pretrain_loss(logits, labels)
+        given = logits.gather(1, labels[:, None])[:, 0]
+        margin = logits.scatter(1, labels[:, None], float("-inf")).max(1).values - given
+
+    retrainer = retrainer or Retrainer(task, trained, scenarios=())
+    probs = out_of_sample_probabilities(task, trained, retrainer, cleaning.folds, cleaning.retrain_tol,
+                                        cleaning.retrain_max_iter, cleaning.seed)
+    y = labels.cpu().numpy()
+    table = pd.DataFrame({
+        "id": np.arange(task.m, dtype=np.int64),
+        "multi_stage_harmfulness": harm.astype(np.float64),
+        "self_influence": self_influence(task, p, solver, config.chunk_size),
+        "pretrain_loss": loss.cpu().numpy().astype(np.float64),
+        "margin": margin.cpu().numpy().astype(np.float64),
+        "cleanlab": cleanlab_signal(y, probs),
+        "suggested_label": probs.argmax(1).astype(np.int64),
+    })
+    if flipped is not None:
+        table["flipped"] = np.asarray(flipped, bool)
+    bad = [c for c in SIGNALS if not np.isfinite(table[c]).all()]
+    if bad:
+        raise TaskError(f"non-finite cleaning signal(s): {', '.join(bad)}")
+    return table
+
+
+def signal_columns(signals: pd.DataFrame) -> list[str]:
+    """The signal columns of a signals table: SIGNALS first, then any other float column."""
+    known = [c for c in SIGNALS if c in signals]
+    return known + [c for c in signals.columns if c not in known and c not in NON_SIGNAL_COLUMNS
+                    and pd.api.types.is_float_dtype(signals[c])]
+
+
+# ---- detection ------------------------------------------------------------------------------------
+
+def auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties count ½ (Mann-Whitney U)."""
+    s = np.asarray(scores, np.float64)
+    pos = np.asarray(positives, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(s).rank(method="average").to_numpy()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def top_fraction(scores: np.ndarray, percent: float) -> np.ndarray:
+    """Indices of the top ``percent`` % by score (at least 1), highest first, ties by lower id."""
+    s = np.asarray(scores, np.float64)
+    k = max(1, int(round(len(s) * percent / 100)))
+    return np.lexsort((np.arange(len(s)), -s))[:k]
+
+
+def recall_at(scores: np.ndarray, positives: np.ndarray, percent: float) -> float:
+    """Fraction of the positives found among the top ``percent`` % by score."""
+    pos = np.asarray(positives, bool)
+    return float(pos[top_fraction(scores, percent)].sum() / max(1, pos.sum()))
+
+
+def detection_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction inspected, fraction of positives found), both [m + 1] from 0 to 1, inspecting by score."""
+    pos = np.asarray(positives, bool)
+    order = np.lexsort((np.arange(len(pos)), -np.asarray(scores, np.float64)))
+    found = np.concatenate([[0], np.cumsum(pos[order])]) / max(1, pos.sum())
+    return np.arange(len(pos) + 1) / len(pos), found
+
+
+def detection_metrics(signals: pd.DataFrame, flipped: np.ndarray,
+                      harmful_scores: np.ndarray | None = None, top: int = TOP_HARMFUL) -> dict:
+    """How well each signal finds the flipped examples.
+
+    Returns {signal: {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}} (recall: fraction of
+    the flipped examples among the top x % of that signal). With ``harmful_scores`` [T, m] (scores of
+    misclassified test points, score < 0 = harmful) it adds "top20_harmful_of_misclassified":
+    {"flipped_in_top20_harmful": mean over test points of the flipped fraction of their ``top`` most
+    harmful examples, "base_rate": flipped fraction of the whole set, "n_test_points": T}.
+    """
+    flipped = np.asarray(flipped, bool)
+    out: dict = {}
+    for name in signal_columns(signals):
+        s = signals[name].to_numpy()
+        out[name] = {"auc": auc(s, flipped),
+                     **{f"recall_top_{x}": recall_at(s, flipped, x) for x in RECALL_PERCENTS}}
+    if harmful_scores is not None and len(harmful_scores):
+        rows = np.asarray(harmful_scores, np.float64)
+        k = min(top, rows.shape[1])
+        most_harmful = np.argsort(rows, axis=1, kind="stable")[:, :k]
+        out[f"top{top}_harmful_of_misclassified"] = {
+            f"flipped_in_top{top}_harmful": float(flipped[most_harmful].mean()),
+            "base_rate": float(flipped.mean()), "n_test_points": int(len(rows))}
+    return out
+
+
+# ---- clean and retrain ----------------------------------------------------------------------------
+
+def removal_plan(signals: pd.DataFrame, flipped: np.ndarray | None, percents, seed: int = 0
+                 ) -> list[tuple[str, float, np.ndarray]]:
+    """(signal, percent, removed ids) rows: none, each signal × percent, random × percent, oracle."""
+    m = len(signals)
+    rng = np.random.default_rng(seed)
+    plan: list[tuple[str, float, np.ndarray]] = [("none", 0.0, np.empty(0, np.int64))]
+    for name in signal_columns(signals):
+        plan += [(name, float(x), top_fraction(signals[name].to_numpy(), x)) for x in percents]
+    plan += [("random", float(x), rng.choice(m, max(1, int(round(m * x / 100))), replace=False)) for x in percents]
+    if flipped is not None and np.any(flipped):
+        ids = np.flatnonzero(flipped)
+        plan.append(("oracle", 100.0 * len(ids) / m, ids))
+    return plan
+
+
+def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.DataFrame,
+                      flipped: np.ndarray | None, cleaning: CleaningConfig = CleaningConfig(),
+                      retrainer: Retrainer | None = None, progress: bool = False) -> pd.DataFrame:
+    """Remove the top x % of each signal (and random x %, the oracle, nothing), retrain, evaluate.
+
+    All removals are retrained together (batched, warm-started at the trained parameters; weight 0,
+    denominator m). Returns one row per (removal, scenario): signal, percent, scenario, n_removed,
+    test_accuracy, test_loss (mean over the whole finetune test set), converged (both stages).
+    """
+    plan = removal_plan(signals, flipped, cleaning.percents, cleaning.seed)
+    weights = torch.ones(len(plan), task.m, dtype=task.dtype, device=task.device)
+    for b, (_, _, ids) in enumerate(plan):
+        weights[b, torch.as_tensor(ids, dtype=torch.long, device=task.device)] = 0.0
+    retrainer = retrainer or Retrainer(task, trained)
+    result = retrain(task, trained, weights, cleaning.validation(), progress=progress, retrainer=retrainer)
+    rows = []
+    for scenario in retrainer.scenarios:
+        converged = result.chain_converged(scenario).cpu().numpy()
+        for b, (name, percent, ids) in enumerate(plan):
+            acc, loss = finetune_test_metrics(task, result.q[scenario][b])
+            rows.append({"signal": name, "percent": percent, "scenario": scenario, "n_removed": len(ids),
+                         "test_accuracy": acc, "test_loss": loss, "converged": bool(converged[b])})
+    return pd.DataFrame(rows)
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray | None,
+                 config: InfluenceConfig, cleaning: CleaningConfig = CleaningConfig(),
+                 progress: bool = False) -> CleaningResult:
+    """Signals, detection metrics and clean-and-retrain for one trained chain.
+
+    flipped: bool [m] ground truth of injected label noise (``TaskData.flipped``), or None (then
+    ``detection`` is empty and clean-and-retrain has no oracle row). The suspects behind
+    multi_stage_harmfulness are the finetune test points misclassified in ``cleaning.scenario``
+    (all test points if none is misclassified).
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    scenario = cleaning.scenario or config.scenarios[0]
+    if scenario not in trained.finetune:
+        raise TaskError(f"cleaning scenario {scenario!r} was not trained (have {', '.join(trained.finetune)})")
+    misclassified = misclassified_test_ids(task, trained.q(scenario))
+    suspects = misclassified if len(misclassified) else np.arange(len(task.test_x))
+    solver = pretrain_solver(task, trained.p, config.pretrain_solver)
+    vectors = suspect_test_vectors(task, trained, scenario, suspects.tolist(), config, solver)
+    retrainer = Retrainer(task, trained)
+    lap("cleaning: setup")
+    signals = ranking_signals(task, trained, scenario, suspects.tolist(), config, flipped, cleaning=cleaning,
+                              solver=solver, retrainer=retrainer, vectors=vectors)
+    lap("cleaning: signals")
+    detection: dict = {}
+    if flipped is not None:
+        per_test = None if len(misclassified) == 0 else \
+            score_pretraining(task, trained.p, vectors, config.chunk_size, progress=False)   # [T, m]
+        detection = detection_metrics(signals, flipped, per_test)
+    retrained = clean_and_retrain(task, trained, signals, flipped, cleaning, retrainer, progress)
+    lap("cleaning: retrain")
+    return CleaningResult(signals, detection, retrained, scenario, suspects.tolist(), timings)
+
+
+__all__ = ["SIGNALS", "CleaningConfig", "CleaningResult", "auc", "clean_and_retrain", "detection_curve",
+           "detection_metrics", "finetune_test_metrics", "misclassified_test_ids", "out_of_sample_probabilities",
+           "ranking_signals", "recall_at", "removal_plan", "run_cleaning", "self_influence", "signal_columns",
+           "top_fraction"]

@@ -1,0 +1,228 @@
+"""One precompute run: data -> training -> influence -> validation -> run directory.
+
+``run_pipeline(config)`` is what ``python -m precompute --preset ... --out runs/NAME`` calls. All
+input problems surface (as ``DataError``) before training starts; the run directory appears only
+when every step has succeeded (``RunWriter`` writes a temporary sibling and renames it).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import RunConfig
+from .influence import multi_stage_scores
+from .presets import TaskData, build_task, load_task_data
+from .runstore import RunWriter
+from .task import TwoStageTask
+from .training import TrainedStages, train_stages
+
+
+@dataclass
+class Timer:
+    """Wall-clock seconds per named step, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def choose_test_points(labels: np.ndarray, correct: np.ndarray, n: int) -> list[int]:
+    """Up to n finetune test ids covering every class, alternating wrong and right predictions.
+
+    Classes are visited round-robin; within a class wrong predictions come first (they are what
+    users debug), then right ones, each in id order, so the choice is deterministic.
+    """
+    queues = []
+    for c in np.unique(labels):
+        ids = np.flatnonzero(labels == c)
+        wrong, right = list(ids[~correct[ids]]), list(ids[correct[ids]])
+        interleaved = [x for pair in zip(wrong, right) for x in pair]
+        longer = wrong if len(wrong) > len(right) else right
+        queues.append(interleaved + longer[min(len(wrong), len(right)):])
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(int(q.pop(0)))
+    return chosen
+
+
+def predictions(task: TwoStageTask, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class [n], loss [n]) on the finetune test set."""
+    with torch.no_grad():
+        out = task.finetune_outputs(q, task.test_x)
+        loss = task.finetune_loss(out, task.test_y)
+    return out.argmax(1).cpu().numpy(), loss.cpu().numpy()
+
+
+def _flat_weights(task: TwoStageTask, p: torch.Tensor, q: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    nt = task.n_theta
+    parts = {f"embedding.{k}": v for k, v in task.theta_layout.unflatten(p[:nt]).items()}
+    if q is None:
+        parts |= {f"pretrain_head.{k}": v for k, v in task.w_layout.unflatten(p[nt:]).items()}
+    else:
+        parts = {f"embedding.{k}": v for k, v in task.theta_layout.unflatten(q[:nt]).items()}
+        parts |= {f"finetune_head.{k}": v for k, v in task.u_layout.unflatten(q[nt:]).items()}
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in parts.items()}
+
+
+def pretrain_table(data: TaskData, task: TwoStageTask, p: torch.Tensor) -> pd.DataFrame:
+    with torch.no_grad():
+        out = task.pretrain_outputs(p, task.pretrain_x)
+        loss = task.pretrain_loss(out, task.pretrain_y)
+    ex = data.pretrain
+    table = pd.DataFrame({"id": np.arange(len(ex)), "label": ex.labels,
+                          "label_name": [ex.class_names[i] for i in ex.labels], "source": list(ex.sources),
+                          "pretrain_loss": loss.cpu().numpy(), "predicted_label": out.argmax(1).cpu().numpy()})
+    if ex.texts is not None:
+        table["text"] = list(ex.texts)
+    if data.flipped is not None:
+        table["original_label"] = data.original_pretrain_labels
+        table["flipped"] = data.flipped
+    return table
+
+
+def test_table(data: TaskData, preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    ex = data.finetune_test
+    table = pd.DataFrame({"id": np.arange(len(ex)), "label": ex.labels,
+                          "label_name": [ex.class_names[i] for i in ex.labels], "source": list(ex.sources)})
+    if ex.texts is not None:
+        table["text"] = list(ex.texts)
+    for s, (pred, loss) in preds.items():
+        table[f"pred_{s}"], table[f"loss_{s}"], table[f"correct_{s}"] = pred, loss, pred == ex.labels
+    return table
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    manifest: dict
+
+    def lines(self) -> list[str]:
+        m = self.manifest
+        out = [f"run written to {self.path}",
+               f"  pretraining: {m['n_pretrain']} examples, accuracy {m['pretrain_accuracy']:.3f}"]
+        for s in m["scenarios"]:
+            acc = m["finetune_accuracy"][s]
+            v = m["validation"].get(s)
+            fit = (f"; vs retraining: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}, "
+                   f"slope {v['slope']:.2f} over {v['n_pairs']} removals") if v else ""
+            out.append(f"  {s:8} finetune test accuracy {acc:.3f}{fit}")
+        out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+        return out
+
+
+def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
+    """Runs every step and writes the run directory atomically; returns where and what."""
+    timer = Timer()
+    device = resolve_device(config.device)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[config.dtype]
+    with RunWriter(config.out, overwrite=config.overwrite) as writer:   # fails fast if --out exists
+        with timer.step("load data"):
+            data = load_task_data(config.data, config.model, quick=config.quick)
+            task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
+        with timer.step("train"):
+            trained = train_stages(task, config.train, config.influence.alpha, config.influence.scenarios,
+                                   progress=progress)
+        preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
+        if config.test_ids:
+            test_ids = task.check_test_ids(config.test_ids).tolist()
+        else:
+            first = preds[config.influence.scenarios[0]][0]
+            test_ids = choose_test_points(data.finetune_test.labels, first == data.finetune_test.labels,
+                                          config.n_test_points)
+        with timer.step("influence"):
+            scores, diagnostics = multi_stage_scores(task, trained, test_ids, config.influence, progress=progress)
+        for s in config.influence.scenarios:
+            diagnostics[s]["training"] = {"pretrain": trained.pretrain.summary(), "finetune": trained.finetune[s].summary()}
+        evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress)
+
+        for s, matrix in scores.items():
+            writer.save_array(f"scores/{s}.npy", matrix.astype(np.float32))
+        pre_table = pretrain_table(data, task, trained.p)
+        writer.save_table("pretrain.parquet", pre_table)
+        writer.save_table("finetune_test.parquet", test_table(data, preds))
+        if data.modality == "image":
+            writer.save_array("images/pretrain.npy", data.pretrain.images)
+            writer.save_array("images/finetune_test.npy", data.finetune_test.images)
+        else:
+            writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
+        writer.save_tensors("weights/pretrain.safetensors", _flat_weights(task, trained.p))
+        for s in config.influence.scenarios:
+            writer.save_tensors(f"weights/finetune_{s}.safetensors", _flat_weights(task, trained.p, trained.q(s)))
+        for rel, table in evidence.tables.items():
+            writer.save_table(rel, table)
+        manifest = {
+            "preset": config.data.preset, "modality": data.modality,
+            "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
+            "test_points": test_ids, "validation_test_points": evidence.validation_test_points,
+            "scenarios": list(config.influence.scenarios),
+            "pretrain_class_names": list(data.pretrain.class_names),
+            "finetune_class_names": list(data.finetune_test.class_names),
+            "pretrain_accuracy": float((pre_table["predicted_label"] == pre_table["label"]).mean()),
+            "finetune_accuracy": {s: float((preds[s][0] == data.finetune_test.labels).mean())
+                                  for s in config.influence.scenarios},
+            "validation": evidence.summary, "baselines": evidence.baselines,
+            "group_removal": evidence.group_summary, "validation_protocol": evidence.protocol,
+            "lds": evidence.lds, "timings_s": timer.seconds, "diagnostics": diagnostics,
+            "config": asdict(config), "device": str(device), "dtype": config.dtype,
+            "n_pretrain_params": task.n_pretrain_params, "n_finetune_params": task.n_finetune_params,
+            "label_noise": None if data.flipped is None else {
+                "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
+            "mislabel_detection": evidence.mislabel_detection,
+            "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
+        }
+        path = writer.commit(manifest)
+    return RunSummary(path, manifest)
+
+
+@dataclass
+class Evidence:
+    """What retraining and the baselines say about the scores (empty when validation is off)."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    validation_test_points: list[int] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    baselines: dict = field(default_factory=dict)
+    group_summary: dict = field(default_factory=dict)
+    protocol: str = "not run (--no-validate)"
+    lds: dict | None = None
+    mislabel_detection: dict | None = None
+
+
+def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.ndarray],
+                        test_ids: list[int], config: RunConfig, timer: Timer, progress: bool) -> Evidence:
+    """Retraining ground truth and baselines (design.md §3), or an empty ``Evidence``."""
+    if not config.validate:
+        return Evidence()
+    from .baselines import evaluate_baselines
+    from .validation import validate
+
+    with timer.step("validation"):
+        result = validate(task, trained, scores, test_ids, config.validation, progress=progress)
+    with timer.step("baselines"):
+        baselines = evaluate_baselines(task, trained, test_ids, result.pairs, config.influence)
+    n_val = min(config.validation.n_test_points, len(test_ids))
+    return Evidence(tables={"validation/pairs.parquet": result.pairs, "validation/group.parquet": result.group},
+                    validation_test_points=list(test_ids[:n_val]), summary=result.summary,
+                    baselines=baselines, group_summary=result.group_summary, protocol=result.protocol,
+                    lds=result.lds)
