@@ -61,14 +61,16 @@ class TrainConfig:
     newton_polish: Newton steps (dense Hessian, with a step-halving safeguard) after L-BFGS, when
                 the stage has at most ``newton_max_params`` parameters; they reach machine
                 precision in a few steps near a minimum, which the retraining check relies on.
+    rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
     """
 
     max_iter: int = 3000
     lbfgs_tol: float = 1e-4
     grad_tol: float = 1e-9
     history_size: int = 20
-    newton_polish: int = 20
+    newton_polish: int = 10
     newton_max_params: int = 6000
+    rounds: int = 4
 
 
 @dataclass(frozen=True)

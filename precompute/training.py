@@ -36,11 +36,36 @@ class TrainResult:
 
 
 def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None) -> TrainResult:
-    """Full-batch L-BFGS from ``x0`` until ‖∇‖ ≤ lbfgs_tol or max_iter, then Newton polish."""
+    """Rounds of full-batch L-BFGS (to ‖∇‖ ≤ lbfgs_tol) and Newton polish (to ‖∇‖ ≤ grad_tol).
+
+    Non-convex stages can stall L-BFGS near a saddle; the Newton phase detects negative curvature
+    and steps off it, and the next round of L-BFGS continues from there.
+    """
+    x = x0.detach().clone()
+    iterations, rounds = 0, 0
+    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
+    polish = config.newton_polish and x.numel() <= config.newton_max_params
+    while True:
+        rounds += 1
+        x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc)
+        iterations += used
+        bar.update(used)
+        if not polish:
+            break
+        x, at_minimum = newton_polish(objective, x, config.newton_polish, config.grad_tol)
+        if at_minimum or iterations >= config.max_iter or rounds >= config.rounds:
+            break
+    bar.close()
+    gnorm = _grad_norm(objective, x)
+    return TrainResult(x, float(objective(x)), gnorm, iterations, gnorm <= config.grad_tol)
+
+
+def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
+           desc: str | None) -> tuple[Tensor, int]:
+    """L-BFGS with a strong-Wolfe line search until ‖∇‖ ≤ lbfgs_tol, a stall, or ``budget`` iterations."""
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=config.history_size,
-                            tolerance_grad=min(config.lbfgs_tol, 1e-7) / 10, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+                            tolerance_grad=1e-14, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -50,30 +75,23 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         value.backward()
         return value
 
-    iterations = 0
-    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
-    while iterations < config.max_iter and _grad_norm(objective, x) > config.lbfgs_tol:
+    used = 0
+    while used < budget and _grad_norm(objective, x) > config.lbfgs_tol:
         opt.step(closure)
         done = opt.state[opt._params[0]]["n_iter"]
-        bar.update(done - iterations)
-        stalled = done == iterations
-        iterations = done
-        if stalled:
+        if done == used:
             break
-    bar.close()
-    params = x.detach()
-    if config.newton_polish and params.numel() <= config.newton_max_params:
-        params = newton_polish(objective, params, config.newton_polish, config.grad_tol)
-    gnorm = _grad_norm(objective, params)
-    return TrainResult(params, float(objective(params)), gnorm, iterations, gnorm <= config.grad_tol)
+        used = done
+    return x.detach(), used
 
 
-def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0) -> Tensor:
+def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0) -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
     Near a minimum this is plain Newton and converges quadratically. Where the gradient has
     vanished but the Hessian has a negative eigenvalue (a saddle, where influence functions do not
     apply) it steps along that eigenvector and carries on, so training ends at a true minimum.
+    Returns (x, reached a minimum: ‖∇‖ ≤ grad_tol with a positive definite Hessian).
     """
     from .config import SolverConfig
     from .influence import batched_hvp
@@ -87,7 +105,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         evals, evecs = torch.linalg.eigh(hessian)
         at_stationary_point = float(g.norm()) <= grad_tol
         if at_stationary_point and evals[0] > 0:
-            break
+            return x.detach(), True
         if at_stationary_point:   # saddle: both signs of the lowest eigenvector go downhill
             direction = evecs[:, 0] * (1.0 if float(g @ evecs[:, 0]) >= 0 else -1.0)
         else:
@@ -103,7 +121,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
             step /= 2
         else:
             break
-    return x.detach()
+    return x.detach(), False
 
 
 def _grad_norm(objective: Objective, x: Tensor) -> float:
