@@ -65,7 +65,7 @@ class TrainConfig:
     """
 
     max_iter: int = 3000
-    lbfgs_tol: float = 1e-4
+    lbfgs_tol: float = 1e-5
     grad_tol: float = 1e-9
     history_size: int = 20
     newton_polish: int = 10

@@ -31,7 +31,7 @@ NEWS_FINETUNE_TOPICS = ("entertainment", "sports")
 # Sizes chosen so that P stays within the exact solver and Newton polish (<= 6,000 parameters),
 # and L2 so that both stages are well conditioned (smallest Hessian eigenvalue ~1e-4, not ~1e-5).
 PRESET_MODELS = {"digits": ModelConfig(hidden=16, pretrain_l2=1e-2, finetune_l2=1e-2),
-                 "news": ModelConfig(hidden=8, pretrain_l2=1e-2, finetune_l2=1e-2, vocabulary=300),
+                 "news": ModelConfig(hidden=6, pretrain_l2=1e-2, finetune_l2=1e-2, vocabulary=250),
                  "custom": ModelConfig(hidden=16, pretrain_l2=1e-2, finetune_l2=1e-2)}
 QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "custom": (60, 40)}   # per class: pretrain, finetune
 

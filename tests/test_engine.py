@@ -226,18 +226,24 @@ def test_unknown_solver_name():
         SolverConfig("newton")
 
 
-def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch):
-    """The streamed pass never asks for more than chunk_size per-example gradients at once."""
+@pytest.mark.parametrize("columns", [3, 60])   # forward-mode path and per-example-gradient path
+def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, columns):
+    """The streamed pass never touches more than chunk_size examples at once, on either path."""
     import precompute.influence as inf
     task, trained = tiny
     seen = []
-    real = inf.per_example_gradients
+    for name in ("per_example_gradients", "directional_derivatives"):
+        real = getattr(inf, name)
 
-    def spy(task_, p, x, y):
-        seen.append(len(x))
-        return real(task_, p, x, y)
+        def spy(task_, p, x, *rest, _real=real):
+            seen.append(len(x))
+            return _real(task_, p, x, *rest)
 
-    monkeypatch.setattr(inf, "per_example_gradients", spy)
-    vectors = torch.randn(task.n_pretrain_params, 3, dtype=torch.float64)
-    score_pretraining(task, trained.p, vectors, chunk_size=16, progress=False)
+        monkeypatch.setattr(inf, name, spy)
+    vectors = torch.randn(task.n_pretrain_params, columns, dtype=torch.float64)
+    scores = score_pretraining(task, trained.p, vectors, chunk_size=16, progress=False)
     assert max(seen) == 16 and sum(seen) == task.m
+    # Both paths compute the same numbers: compare with explicit per-example gradients.
+    monkeypatch.undo()
+    expected = (per_example_gradients(task, trained.p, task.pretrain_x, task.pretrain_y) @ vectors / task.m).T
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-9)
