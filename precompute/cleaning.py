@@ -7,7 +7,11 @@ g_z = ∇_p ℓ_P(z; p*) (p = [θ; W]) and the pretraining Hessian H_P (+ the so
                              the predicted DROP of the summed test loss of the suspect finetune test
                              points (default: the misclassified ones) if z is removed and both stages
                              are retrained. The T test-side vectors s_t are summed first, so the
-                             whole column costs one streamed pass with a single right-hand side.
+                             column costs a single right-hand side in the streamed pass. Harm to some
+                             suspects and help to others cancel in this sum.
+    multi_stage_total_harm   Σ_{t ∈ suspects} max(0, −score(z, t)): the summed predicted harm only,
+                             without that cancellation (from the per-test scores [T, m] of the same
+                             streamed pass).
     self_influence           g_zᵀ (H_P + λI)⁻¹ g_z ≥ 0: m × the predicted rise of z's own loss if z is
                              removed (how much the model bent to fit z).
     pretrain_loss            ℓ_P(z; p*).
@@ -19,6 +23,11 @@ g_z = ∇_p ℓ_P(z; p*) (p = [θ; W]) and the pretraining Hessian H_P (+ the so
                              cleanlab's flagged set ranks first, ordered by self-confidence.
 
 ``suggested_label`` (int) is the argmax of the out-of-sample probabilities.
+
+Suspects come from an AUDIT part of the finetune test set (``CleaningConfig.audit_fraction``);
+clean-and-retrain reports the whole test set (as asked) and the HELD-OUT rest separately, since
+the multi-stage signals are chosen with the audit points' labels and would otherwise be graded on
+the examples they were fitted to.
 
 ``run_cleaning`` is the one entry point for the pipeline: signals, detection metrics against the
 injected noise, and clean-and-retrain (remove the top x% of each signal, retrain both stages warm-
@@ -43,7 +52,7 @@ from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
-SIGNALS = ("multi_stage_harmfulness", "self_influence", "pretrain_loss", "margin", "cleanlab")
+SIGNALS = ("multi_stage_harmfulness", "multi_stage_total_harm", "self_influence", "pretrain_loss", "margin", "cleanlab")
 """Signal columns of ``cleaning/signals.parquet``, in display order (higher = more suspicious)."""
 NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")
 RECALL_PERCENTS = (5, 10, 20)
@@ -53,7 +62,7 @@ PROTOCOL = (
     "Clean-and-retrain: for each signal, the top x% pretraining examples are removed (weight 0, "
     "denominator m fixed) and both stages are retrained warm-started from the trained parameters "
     "(batched preconditioned L-BFGS); finetune test accuracy and mean loss are measured on the whole "
-    "finetune test set. Baselines: nothing removed ('none', the same retraining protocol), a random x% "
+    "finetune test set and on the held-out part not used to pick suspects. Baselines: nothing removed ('none', the same retraining protocol), a random x% "
     "('random') and the truly flipped examples ('oracle'). cleanlab uses out-of-sample probabilities "
     "from K-fold retraining of the pretraining stage (warm-started at p*).")
 
@@ -62,7 +71,9 @@ PROTOCOL = (
 class CleaningConfig:
     """Knobs of ``run_cleaning``.
 
-    scenario:  scenario whose scores define multi_stage_harmfulness (None: the first scored one).
+    scenario:  scenario whose scores define the multi-stage signals (None: the first scored one).
+    audit_fraction: share of the finetune test set whose misclassified points are the suspects; the
+               rest is held out for an unbiased clean-and-retrain evaluation (1.0: use all).
     folds:     K of the K-fold out-of-sample probabilities behind the cleanlab signal.
     percents:  removal sizes of clean-and-retrain, in percent of the pretraining set.
     retrain_tol / retrain_max_iter / batch_size: batched retraining (see precompute.retraining).
@@ -70,9 +81,10 @@ class CleaningConfig:
     """
 
     scenario: str | None = None
+    audit_fraction: float = 0.5
     folds: int = 5
     percents: tuple[float, ...] = (2.0, 5.0, 10.0)
-    retrain_tol: float = 1e-7
+    retrain_tol: float = 1e-6
     retrain_max_iter: int = 300
     batch_size: int = 32
     seed: int = 0
@@ -90,8 +102,10 @@ class CleaningResult:
     detection: {signal: {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}} and, when there are
                misclassified test points, "top20_harmful_of_misclassified": {"flipped_in_top20_harmful",
                "base_rate", "n_test_points"}. Empty without ground truth (flipped is None).
-    retrain:   DataFrame: signal, percent, scenario, n_removed, test_accuracy, test_loss, converged.
-    scenario / suspect_test_ids: what multi_stage_harmfulness was computed for.
+    retrain:   DataFrame: signal, percent, scenario, n_removed, test_accuracy, test_loss (whole finetune
+               test set), heldout_accuracy, heldout_loss (test points outside the audit part; NaN if
+               none), converged (both stages reached retrain_tol).
+    scenario / suspect_test_ids / heldout_test_ids: what the multi-stage signals were computed for.
     """
 
     signals: pd.DataFrame
@@ -99,6 +113,7 @@ class CleaningResult:
     retrain: pd.DataFrame
     scenario: str
     suspect_test_ids: list[int]
+    heldout_test_ids: list[int]
     timings_s: dict[str, float] = field(default_factory=dict)
     protocol: str = PROTOCOL
 
@@ -112,12 +127,25 @@ def misclassified_test_ids(task: TwoStageTask, q: Tensor) -> np.ndarray:
     return (pred != task.test_y).nonzero()[:, 0].cpu().numpy().astype(np.int64)
 
 
-def finetune_test_metrics(task: TwoStageTask, q: Tensor) -> tuple[float, float]:
-    """(accuracy, mean loss) of q on the whole finetune test set."""
+def finetune_test_metrics(task: TwoStageTask, q: Tensor, test_ids=None) -> tuple[float, float]:
+    """(accuracy, mean loss) of q on the finetune test set (or its rows ``test_ids``); NaN if empty."""
+    ids = torch.arange(len(task.test_x), device=task.device) if test_ids is None else \
+        torch.as_tensor(test_ids, dtype=torch.long, device=task.device)
+    if len(ids) == 0:
+        return float("nan"), float("nan")
     with torch.no_grad():
-        out = task.finetune_outputs(q, task.test_x)
-        loss = task.finetune_loss(out, task.test_y).mean()
-    return float((out.argmax(1) == task.test_y).double().mean()), float(loss)
+        out = task.finetune_outputs(q, task.test_x[ids])
+        loss = task.finetune_loss(out, task.test_y[ids]).mean()
+    return float((out.argmax(1) == task.test_y[ids]).double().mean()), float(loss)
+
+
+def audit_split(n_test: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(audit ids, held-out ids), sorted int64; ``fraction`` of the test ids go to the audit part."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"audit_fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng((seed, 0xA0D1)).permutation(n_test)
+    k = n_test if fraction >= 1 else min(n_test - 1, max(1, int(round(fraction * n_test))))
+    return np.sort(order[:k]), np.sort(order[k:])
 
 
 def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size: int = 256) -> np.ndarray:
@@ -156,7 +184,7 @@ def _pretrain_logits(task: TwoStageTask, p: Tensor, rows: slice | Tensor = slice
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold id in 0..k-1 per example, int64 [m]; every class spread evenly over the folds."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng((seed, 0xF01D))
     fold = np.empty(len(labels), np.int64)
     offset = 0
     for c in np.unique(labels):
@@ -213,22 +241,37 @@ def suspect_test_vectors(task: TwoStageTask, trained: TrainedStages, scenario: s
     return vectors[scenario]
 
 
+def suspect_scores(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size: int = 256
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One streamed pass over [S, Σ_t s_t]: (per-test scores float32 [T, m], summed score float64 [m]).
+
+    The summed column comes from the summed test-side vector (one right-hand side), not from adding
+    the T rows; the two agree up to rounding. Memory: T × m float32 for the per-test rows.
+    """
+    t = vectors.shape[1]
+    both = score_pretraining(task, p, torch.cat([vectors, vectors.sum(1, keepdim=True)], 1), chunk_size,
+                             progress=False)
+    return both[:t], both[t].astype(np.float64)
+
+
 def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, suspect_test_ids,
                     config: InfluenceConfig, flipped: np.ndarray | None = None, *,
                     cleaning: CleaningConfig = CleaningConfig(), solver: InverseHVP | None = None,
-                    retrainer: Retrainer | None = None, vectors: Tensor | None = None) -> pd.DataFrame:
-    """One row per pretraining example: id, the SIGNALS (higher = more suspicious), suggested_label.
+                    retrainer: Retrainer | None = None,
+                    scores: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per pretraining example: id, the SIGNALS (float64, higher = more suspicious), suggested_label.
 
-    suspect_test_ids: finetune test ids whose summed loss defines multi_stage_harmfulness (for
-    example the misclassified ones). flipped (bool [m], optional ground truth) is copied into a
-    ``flipped`` column for evaluation; no signal uses it. ``solver`` / ``retrainer`` / ``vectors``
-    (S [P, T] of the suspects) let a caller reuse work it has already done.
+    suspect_test_ids: finetune test ids whose loss defines the multi-stage signals (for example the
+    misclassified ones) in ``scenario``. flipped (bool [m], optional ground truth) is copied into a
+    ``flipped`` column for evaluation; no signal uses it. ``solver``, ``retrainer`` and ``scores``
+    (the output of ``suspect_scores``) let a caller reuse work it has already done.
     """
     p = trained.p
     solver = solver or pretrain_solver(task, p, config.pretrain_solver)
-    if vectors is None:
+    if scores is None:
         vectors = suspect_test_vectors(task, trained, scenario, suspect_test_ids, config, solver)
-    harm = -score_pretraining(task, p, vectors.sum(1, keepdim=True), config.chunk_size, progress=False)[0]
+        scores = suspect_scores(task, p, vectors, config.chunk_size)
+    per_test, summed = scores
 
     labels = task.pretrain_y
     logits = _pretrain_logits(task, p)
@@ -243,7 +286,8 @@ def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, s
     y = labels.cpu().numpy()
     table = pd.DataFrame({
         "id": np.arange(task.m, dtype=np.int64),
-        "multi_stage_harmfulness": harm.astype(np.float64),
+        "multi_stage_harmfulness": -summed,
+        "multi_stage_total_harm": np.clip(-per_test.astype(np.float64), 0, None).sum(0),
         "self_influence": self_influence(task, p, solver, config.chunk_size),
         "pretrain_loss": loss.cpu().numpy().astype(np.float64),
         "margin": margin.cpu().numpy().astype(np.float64),
@@ -331,7 +375,7 @@ def removal_plan(signals: pd.DataFrame, flipped: np.ndarray | None, percents, se
                  ) -> list[tuple[str, float, np.ndarray]]:
     """(signal, percent, removed ids) rows: none, each signal × percent, random × percent, oracle."""
     m = len(signals)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng((seed, 0x5EED))   # not ``seed`` alone: flip_labels draws from that stream
     plan: list[tuple[str, float, np.ndarray]] = [("none", 0.0, np.empty(0, np.int64))]
     for name in signal_columns(signals):
         plan += [(name, float(x), top_fraction(signals[name].to_numpy(), x)) for x in percents]
@@ -344,12 +388,14 @@ def removal_plan(signals: pd.DataFrame, flipped: np.ndarray | None, percents, se
 
 def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.DataFrame,
                       flipped: np.ndarray | None, cleaning: CleaningConfig = CleaningConfig(),
-                      retrainer: Retrainer | None = None, progress: bool = False) -> pd.DataFrame:
+                      retrainer: Retrainer | None = None, heldout_test_ids=None,
+                      progress: bool = False) -> pd.DataFrame:
     """Remove the top x % of each signal (and random x %, the oracle, nothing), retrain, evaluate.
 
     All removals are retrained together (batched, warm-started at the trained parameters; weight 0,
     denominator m). Returns one row per (removal, scenario): signal, percent, scenario, n_removed,
-    test_accuracy, test_loss (mean over the whole finetune test set), converged (both stages).
+    test_accuracy, test_loss (whole finetune test set), heldout_accuracy, heldout_loss (rows
+    ``heldout_test_ids``; NaN when None), converged (both stages reached ``retrain_tol``).
     """
     plan = removal_plan(signals, flipped, cleaning.percents, cleaning.seed)
     weights = torch.ones(len(plan), task.m, dtype=task.dtype, device=task.device)
@@ -357,13 +403,17 @@ def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.Da
         weights[b, torch.as_tensor(ids, dtype=torch.long, device=task.device)] = 0.0
     retrainer = retrainer or Retrainer(task, trained)
     result = retrain(task, trained, weights, cleaning.validation(), progress=progress, retrainer=retrainer)
+    heldout = [] if heldout_test_ids is None else heldout_test_ids
     rows = []
     for scenario in retrainer.scenarios:
         converged = result.chain_converged(scenario).cpu().numpy()
         for b, (name, percent, ids) in enumerate(plan):
-            acc, loss = finetune_test_metrics(task, result.q[scenario][b])
+            q = result.q[scenario][b]
+            acc, loss = finetune_test_metrics(task, q)
+            h_acc, h_loss = finetune_test_metrics(task, q, heldout)
             rows.append({"signal": name, "percent": percent, "scenario": scenario, "n_removed": len(ids),
-                         "test_accuracy": acc, "test_loss": loss, "converged": bool(converged[b])})
+                         "test_accuracy": acc, "test_loss": loss, "heldout_accuracy": h_acc,
+                         "heldout_loss": h_loss, "converged": bool(converged[b])})
     return pd.DataFrame(rows)
 
 
@@ -375,9 +425,11 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     """Signals, detection metrics and clean-and-retrain for one trained chain.
 
     flipped: bool [m] ground truth of injected label noise (``TaskData.flipped``), or None (then
-    ``detection`` is empty and clean-and-retrain has no oracle row). The suspects behind
-    multi_stage_harmfulness are the finetune test points misclassified in ``cleaning.scenario``
-    (all test points if none is misclassified).
+    ``detection`` is empty and clean-and-retrain has no oracle row). The suspects behind the
+    multi-stage signals are the finetune test points of the audit part that are misclassified in
+    ``cleaning.scenario`` (the whole audit part if none is). Write ``result.signals`` to
+    ``cleaning/signals.parquet``, ``result.retrain`` to ``cleaning/retrain.parquet`` and
+    ``result.detection`` to the manifest's ``mislabel_detection``.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -385,32 +437,32 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
+        timings[name], clock = now - clock, now
 
     scenario = cleaning.scenario or config.scenarios[0]
     if scenario not in trained.finetune:
         raise TaskError(f"cleaning scenario {scenario!r} was not trained (have {', '.join(trained.finetune)})")
-    misclassified = misclassified_test_ids(task, trained.q(scenario))
-    suspects = misclassified if len(misclassified) else np.arange(len(task.test_x))
+    audit, heldout = audit_split(len(task.test_x), cleaning.audit_fraction, cleaning.seed)
+    misclassified = np.intersect1d(misclassified_test_ids(task, trained.q(scenario)), audit)
+    suspects = misclassified if len(misclassified) else audit
     solver = pretrain_solver(task, trained.p, config.pretrain_solver)
     vectors = suspect_test_vectors(task, trained, scenario, suspects.tolist(), config, solver)
+    scores = suspect_scores(task, trained.p, vectors, config.chunk_size)
     retrainer = Retrainer(task, trained)
-    lap("cleaning: setup")
+    lap("cleaning: test vectors")
     signals = ranking_signals(task, trained, scenario, suspects.tolist(), config, flipped, cleaning=cleaning,
-                              solver=solver, retrainer=retrainer, vectors=vectors)
+                              solver=solver, retrainer=retrainer, scores=scores)
     lap("cleaning: signals")
     detection: dict = {}
     if flipped is not None:
-        per_test = None if len(misclassified) == 0 else \
-            score_pretraining(task, trained.p, vectors, config.chunk_size, progress=False)   # [T, m]
-        detection = detection_metrics(signals, flipped, per_test)
-    retrained = clean_and_retrain(task, trained, signals, flipped, cleaning, retrainer, progress)
+        detection = detection_metrics(signals, flipped, scores[0] if len(misclassified) else None)
+    retrained = clean_and_retrain(task, trained, signals, flipped, cleaning, retrainer,
+                                  heldout if len(heldout) else None, progress)
     lap("cleaning: retrain")
-    return CleaningResult(signals, detection, retrained, scenario, suspects.tolist(), timings)
+    return CleaningResult(signals, detection, retrained, scenario, suspects.tolist(), heldout.tolist(), timings)
 
 
-__all__ = ["SIGNALS", "CleaningConfig", "CleaningResult", "auc", "clean_and_retrain", "detection_curve",
+__all__ = ["SIGNALS", "CleaningConfig", "CleaningResult", "audit_split", "auc", "clean_and_retrain", "detection_curve",
            "detection_metrics", "finetune_test_metrics", "misclassified_test_ids", "out_of_sample_probabilities",
            "ranking_signals", "recall_at", "removal_plan", "run_cleaning", "self_influence", "signal_columns",
-           "top_fraction"]
+           "suspect_scores", "suspect_test_vectors", "top_fraction"]

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", type=float, default=0.0, help="λ added to every Hessian (default 0)")
     g.add_argument("--rank", type=int, default=128, help="arnoldi: eigenpairs kept (default 128)")
     g.add_argument("--max-iter", type=int, default=1000, help="cg/lissa iterations at most (default 1000)")
-    g.add_argument("--alpha", type=float, default=1.0,
-                   help="proximal coefficient α of the 'updated' scenario (default 1)")
+    g.add_argument("--alpha", type=float, default=0.1,
+                   help="proximal coefficient α of the 'updated' scenario (default 0.1; larger keeps the "
+                        "finetuned embedding closer to the pretrained one)")
     g.add_argument("--scenarios", type=_csv(), default=SCENARIOS, help="fixed,updated (default both)")
     g.add_argument("--n-test", type=int, default=None,
                    help="number of finetune test points to score, covering every class with right and "

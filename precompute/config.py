@@ -87,7 +87,7 @@ class InfluenceConfig:
     """
 
     scenarios: tuple[str, ...] = SCENARIOS
-    alpha: float = 1.0
+    alpha: float = 0.1
     pretrain_solver: SolverConfig = field(default_factory=SolverConfig)
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
     chunk_size: int = 256

@@ -220,7 +220,8 @@ def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict
     with timer.step("validation"):
         result = validate(task, trained, scores, test_ids, config.validation, progress=progress)
     with timer.step("baselines"):
-        baselines = evaluate_baselines(task, trained, test_ids, result.pairs, config.influence)
+        baselines = evaluate_baselines(task, trained, test_ids, result.pairs, config.validation,
+                                       solver=config.influence.pretrain_solver, progress=progress)
     n_val = min(config.validation.n_test_points, len(test_ids))
     return Evidence(tables={"validation/pairs.parquet": result.pairs, "validation/group.parquet": result.group},
                     validation_test_points=list(test_ids[:n_val]), summary=result.summary,

@@ -5,3 +5,20 @@ import torch
 # The models here are tiny: one thread avoids intra-op spin-waiting, which on a busy 2-core
 # machine made a forward+backward 60x slower.
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def quick_runs(tmp_path_factory):
+    """Real quick pipeline runs made through the CLI: digits with 10% label noise, and news.
+
+    Returns (runs root, {"image": run name, "text": run name}).
+    """
+    from precompute.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["--preset", "digits", "--quick", "--label-noise", "0.1", "--out", str(root / "digits")]) == 0
+    assert main(["--preset", "news", "--quick", "--out", str(root / "news")]) == 0
+    return root, {"image": "digits", "text": "news"}

@@ -42,12 +42,9 @@ PAGE_MARKERS = {
 
 
 @pytest.fixture(scope="module")
-def explorer_runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """(runs root, {"image": run name, "text": run name}); both runs have validation and noise flags."""
-    root = tmp_path_factory.mktemp("explorer-runs")
-    write_synthetic_run(root, "digits-synth", modality="image", m=300, n_test=40, T=8, noisy=True)
-    write_synthetic_run(root, "news-synth", modality="text", m=200, n_test=30, T=6)
-    return root, {"image": "digits-synth", "text": "news-synth"}
+def explorer_runs(quick_runs) -> tuple[Path, dict[str, str]]:
+    """(runs root, {"image": run name, "text": run name}): real quick pipeline runs (see conftest)."""
+    return quick_runs
 
 
 @pytest.fixture(autouse=True)

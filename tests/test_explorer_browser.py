@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from run_factory import write_synthetic_run  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -44,11 +43,10 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def browser_runs(tmp_path_factory) -> tuple[Path, str]:
-    """(runs root, image run name). Swap for a real quick pipeline run if wanted."""
-    root = tmp_path_factory.mktemp("browser-runs")
-    write_synthetic_run(root, "digits-synth", modality="image", m=600, n_test=60, T=12, noisy=True)
-    return root, "digits-synth"
+def browser_runs(quick_runs) -> tuple[Path, str]:
+    """(runs root, image run name): the real quick digits run (see conftest)."""
+    root, names = quick_runs
+    return root, names["image"]
 
 
 def _free_port() -> int:
