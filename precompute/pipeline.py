@@ -74,15 +74,12 @@ def predictions(task: TwoStageTask, q: torch.Tensor) -> tuple[np.ndarray, np.nda
     return out.argmax(1).cpu().numpy(), loss.cpu().numpy()
 
 
-def _flat_weights(task: TwoStageTask, p: torch.Tensor, q: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    nt = task.n_theta
-    parts = {f"embedding.{k}": v for k, v in task.theta_layout.unflatten(p[:nt]).items()}
-    if q is None:
-        parts |= {f"pretrain_head.{k}": v for k, v in task.w_layout.unflatten(p[nt:]).items()}
-    else:
-        parts = {f"embedding.{k}": v for k, v in task.theta_layout.unflatten(q[:nt]).items()}
-        parts |= {f"finetune_head.{k}": v for k, v in task.u_layout.unflatten(q[nt:]).items()}
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in parts.items()}
+def stage_weights(task: TwoStageTask, embedding: torch.Tensor, head: torch.Tensor, head_name: str) -> dict[str, np.ndarray]:
+    """Named tensors of one trained stage, {"embedding.<param>": ..., "<head_name>.<param>": ...}."""
+    layout = task.w_layout if head_name == "pretrain_head" else task.u_layout
+    named = {f"embedding.{k}": v for k, v in task.theta_layout.unflatten(embedding).items()}
+    named |= {f"{head_name}.{k}": v for k, v in layout.unflatten(head).items()}
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in named.items()}
 
 
 def pretrain_table(data: TaskData, task: TwoStageTask, p: torch.Tensor) -> pd.DataFrame:
@@ -166,9 +163,12 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             writer.save_array("images/finetune_test.npy", data.finetune_test.images)
         else:
             writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
-        writer.save_tensors("weights/pretrain.safetensors", _flat_weights(task, trained.p))
+        nt = task.n_theta
+        writer.save_tensors("weights/pretrain.safetensors",
+                            stage_weights(task, trained.p[:nt], trained.p[nt:], "pretrain_head"))
         for s in config.influence.scenarios:
-            writer.save_tensors(f"weights/finetune_{s}.safetensors", _flat_weights(task, trained.p, trained.q(s)))
+            q = trained.q(s)
+            writer.save_tensors(f"weights/finetune_{s}.safetensors", stage_weights(task, q[:nt], q[nt:], "finetune_head"))
         for rel, table in evidence.tables.items():
             writer.save_table(rel, table)
         manifest = {
