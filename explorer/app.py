@@ -88,6 +88,8 @@ def main() -> None:
         st.Page(_PAGES / "validation.py", title="Validation", icon=":material/scatter_plot:", url_path="validation"),
         st.Page(_PAGES / "pretrain_example.py", title="Pretraining example", icon=":material/image_search:",
                 url_path="pretraining-example"),
+        st.Page(_PAGES / "data_cleaning.py", title="Data cleaning", icon=":material/cleaning_services:",
+                url_path="data-cleaning"),
         st.Page(_PAGES / "run_info.py", title="Run", icon=":material/info:", url_path="run"),
     ]
     page = st.navigation(pages)

@@ -287,3 +287,103 @@ def timings_bars(timings: Mapping[str, float]) -> go.Figure:
     fig.update_xaxes(title_text="seconds")
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, height=max(180, 40 * len(items) + 80), showlegend=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# data-cleaning page
+
+SIGNAL_COLORS = {
+    "multi_stage_harmfulness": HARMFUL, "multi_stage_total_harm": "#CC79A7", "self_influence": HELPFUL,
+    "pretrain_loss": "#009E73", "margin": "#E69F00", "cleanlab": "#56B4E9",
+    "random": RANDOM, "oracle": "#000000", "none": NEUTRAL,
+}
+_EXTRA_COLORS = ("#F0E442", "#882255", "#44AA99", "#117733")
+
+
+def signal_color(name: str, i: int = 0) -> str:
+    return SIGNAL_COLORS.get(name, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
+
+
+def detection_curve(scores: np.ndarray, positives: np.ndarray, points: int = 201) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction inspected, fraction of positives found) when inspecting by descending score.
+
+    Evaluated at ``points`` evenly spaced fractions from 0 to 1 (ties broken by lower index); the
+    values are exact at those fractions, so the curve stays small for any m.
+    """
+    pos = np.asarray(positives, bool)
+    s = np.where(np.isfinite(np.asarray(scores, float)), np.asarray(scores, float), -np.inf)
+    order = np.lexsort((np.arange(len(pos)), -s))
+    found = np.concatenate([[0], np.cumsum(pos[order])]) / max(1, int(pos.sum()))
+    fractions = np.linspace(0.0, 1.0, points)
+    return fractions, found[np.round(fractions * len(pos)).astype(int)]
+
+
+def detection_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                            base_rate: float | None = None) -> go.Figure:
+    """Fraction of the flipped examples found against the fraction of the data inspected, per signal.
+
+    Adds the random-inspection diagonal and, given the flipped base rate, the perfect ranking.
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", meta={"kind": "random"},
+                             line=dict(color=RANDOM, dash="dash", width=1.5), hoverinfo="skip"))
+    if base_rate and base_rate > 0:
+        fig.add_trace(go.Scatter(x=[0, base_rate, 1], y=[0, 1, 1], mode="lines", name="perfect ranking",
+                                 meta={"kind": "oracle"}, line=dict(color="#000000", dash="dot", width=1.5),
+                                 hoverinfo="skip"))
+    for i, (name, (x, y)) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(
+            x=list(x), y=list(y), mode="lines", name=method_label(name), meta={"kind": "signal", "signal": name},
+            line=dict(color=signal_color(name, i), width=3 if name.startswith("multi_stage") else 2),
+            hovertemplate=method_label(name) + "<br>%{x:.0%} inspected<br>%{y:.0%} of flipped found<extra></extra>",
+        ))
+    fig.update_xaxes(title_text="fraction of pretraining examples inspected (most suspicious first)",
+                     tickformat=".0%", range=[0, 1])
+    fig.update_yaxes(title_text="fraction of flipped labels found", tickformat=".0%", range=[0, 1.02])
+    fig = _layout(fig, height=420)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
+    return fig
+
+
+def cleaning_retrain_figure(retrain: pd.DataFrame, metric: str = "test_accuracy") -> go.Figure:
+    """``metric`` after removing the top x % of each signal and retraining, against x.
+
+    ``retrain`` rows (one scenario): signal, percent, n_removed, <metric>. Signals and "random" are
+    lines starting at the "none" value at 0 %; "none" is a dotted horizontal line; "oracle" (the
+    truly flipped examples removed) a star at its percent with a dotted horizontal line.
+    """
+    fig = go.Figure()
+    df = retrain.dropna(subset=[metric])
+    none = df[df["signal"] == "none"]
+    base = float(none[metric].iloc[0]) if len(none) else None
+    is_acc = "accuracy" in metric
+    fmt = ".1%" if is_acc else ".4f"
+    if base is not None:
+        fig.add_hline(y=base, line_dash="dot", line_color=NEUTRAL, annotation_text="nothing removed",
+                      annotation_position="bottom right")
+    oracle = df[df["signal"] == "oracle"]
+    if len(oracle):
+        fig.add_hline(y=float(oracle[metric].iloc[0]), line_dash="dot", line_color="#000000")
+        fig.add_trace(go.Scatter(
+            x=oracle["percent"].tolist(), y=oracle[metric].tolist(), mode="markers", name="oracle (flipped removed)",
+            meta={"kind": "oracle"}, marker=dict(symbol="star", size=16, color="#000000"),
+            customdata=oracle["n_removed"].tolist(),
+            hovertemplate="oracle: %{customdata} flipped removed<br>%{y:" + fmt + "}<extra></extra>"))
+    signals = [s for s in dict.fromkeys(df["signal"]) if s not in ("none", "oracle")]
+    for i, name in enumerate(signals):
+        part = df[df["signal"] == name].sort_values("percent")
+        x, y, n = part["percent"].tolist(), part[metric].tolist(), part["n_removed"].tolist()
+        if base is not None:
+            x, y, n = [0.0] + x, [base] + y, [0] + n
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=method_label(name), meta={"kind": "signal", "signal": name},
+            customdata=n, line=dict(color=signal_color(name, i), width=3 if name.startswith("multi_stage") else 2,
+                                    dash="dash" if name == "random" else "solid"),
+            hovertemplate=method_label(name) + "<br>top %{x}% removed (%{customdata})<br>%{y:" + fmt
+            + "}<extra></extra>"))
+    fig.update_xaxes(title_text="% of pretraining data removed (most suspicious first)", ticksuffix="%")
+    fig.update_yaxes(title_text=method_label(metric).replace("heldout", "held-out"),
+                     tickformat=".0%" if is_acc else None)
+    fig = _layout(fig, height=420)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
+    return fig

@@ -210,3 +210,101 @@ def group_curve(key: RunKey, scenario: str, test_id: int | None = None) -> pd.Da
 def vocabulary(key: RunKey) -> frozenset[str] | None:
     v = run_from_key(key).vectorizer_vocabulary()
     return frozenset(w.lower() for w in v) if v is not None else None
+
+
+# ------------------------------------------------------------------------------------------------
+# data cleaning (cleaning/signals.parquet, cleaning/retrain.parquet)
+
+CLEANING_NON_SIGNALS = ("id", "suggested_label", "flipped")
+RANK_BY_TEST = "test"  # rank_by value: harm to one test point (−its score row) instead of a stored signal
+
+
+def cleaning_signal_names(key: RunKey) -> list[str]:
+    """Float columns of cleaning/signals.parquet (higher = more suspicious); [] when the run has none."""
+    sig = run_from_key(key).cleaning_signals()
+    if sig is None:
+        return []
+    return [c for c in sig.columns if c not in CLEANING_NON_SIGNALS and pd.api.types.is_float_dtype(sig[c])]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def suspects(key: RunKey, rank_by: str, scenario: str, test_id: int | None, k: int) -> pd.DataFrame:
+    """The k most suspicious pretraining examples, most suspicious first.
+
+    rank_by: a signal column, or RANK_BY_TEST (harm to ``test_id`` in ``scenario`` = −score).
+    Columns: rank, pretrain_id, suspicion (the ranking value), label, label_name, suggested_label,
+    suggested_name, suggested_from ("out-of-sample" | "in-sample"), source, every signal,
+    test_harm (when ranked by a test point) [, flipped, original_label_name] [, text].
+    """
+    run = run_from_key(key)
+    table = run.pretrain_table()
+    names = _label_names(key, "pretrain")
+    sig = run.cleaning_signals()
+    if rank_by == RANK_BY_TEST:
+        values = -run.score_row(scenario, int(test_id)).astype(np.float64)
+    else:
+        values = sig[rank_by].to_numpy(np.float64)
+    values = np.where(np.isfinite(values), values, -np.inf)
+    order = np.lexsort((np.arange(len(values)), -values))[: max(0, int(k))]
+    rows = table.iloc[order]
+    if sig is not None and "suggested_label" in sig:
+        suggested, origin = sig["suggested_label"].to_numpy()[order], "out-of-sample"
+    else:
+        suggested, origin = rows["predicted_label"].to_numpy(), "in-sample"
+    df = pd.DataFrame({
+        "rank": np.arange(1, len(order) + 1),
+        "pretrain_id": order.astype(np.int64),
+        "suspicion": values[order],
+        "label": rows["label"].to_numpy(),
+        "label_name": rows["label_name"].astype(str).to_numpy(),
+        "suggested_label": suggested.astype(np.int64),
+        "suggested_name": [names[int(s)] if 0 <= int(s) < len(names) else str(s) for s in suggested],
+        "suggested_from": origin,
+        "source": rows["source"].astype(str).to_numpy(),
+    })
+    if sig is not None:
+        for c in cleaning_signal_names(key):
+            df[c] = sig[c].to_numpy(np.float64)[order]
+    if rank_by == RANK_BY_TEST:
+        df["test_harm"] = values[order]
+    if "flipped" in rows:
+        df["flipped"] = rows["flipped"].astype(bool).to_numpy()
+        df["original_label_name"] = [names[int(o)] if 0 <= int(o) < len(names) else str(o)
+                                     for o in rows["original_label"]]
+    if "text" in rows:
+        df["text"] = rows["text"].astype(str).to_numpy()
+    return df
+
+
+def flagged_csv(key: RunKey, ids: list[int], rank_by: str, scenario: str, test_id: int | None) -> bytes:
+    """Flagged pretraining examples as CSV: id, given and suggested label, source, every signal score."""
+    df = suspects(key, rank_by, scenario, test_id, run_from_key(key).n_pretrain)
+    df = df[df["pretrain_id"].isin([int(i) for i in ids])].sort_values("pretrain_id")
+    out = df.drop(columns=[c for c in ("rank", "suspicion", "text", "flipped", "original_label_name") if c in df])
+    out = out.rename(columns={"pretrain_id": "id", "label": "given_label", "label_name": "given_label_name",
+                              "suggested_name": "suggested_label_name"})
+    buf = io.StringIO()
+    out.to_csv(buf, index=False)
+    return buf.getvalue().encode("utf-8")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def detection_curves(key: RunKey, points: int = 201) -> dict[str, tuple[list[float], list[float]]] | None:
+    """{signal: (fraction inspected, fraction of flipped found)}; None without signals or ground truth."""
+    from explorer.charts import detection_curve
+
+    run = run_from_key(key)
+    sig, table = run.cleaning_signals(), run.pretrain_table()
+    if sig is None or "flipped" not in table or not table["flipped"].any():
+        return None
+    flipped = table["flipped"].astype(bool).to_numpy()
+    return {c: tuple(a.tolist() for a in detection_curve(sig[c].to_numpy(np.float64), flipped, points))
+            for c in cleaning_signal_names(key)}
+
+
+def cleaning_retrain(key: RunKey, scenario: str) -> pd.DataFrame | None:
+    """Rows of cleaning/retrain.parquet for one scenario (None when the run has none)."""
+    r = run_from_key(key).cleaning_retrain()
+    if r is None:
+        return None
+    return r[r["scenario"] == scenario].reset_index(drop=True)

@@ -29,6 +29,13 @@ clean-and-retrain reports the whole test set (as asked) and the HELD-OUT rest se
 the multi-stage signals are chosen with the audit points' labels and would otherwise be graded on
 the examples they were fitted to.
 
+Measured on digits (10% of 901 labels flipped; ``--preset digits --label-noise 0.1``): the simple
+signals find the flipped labels best (AUC ≈ 0.99); multi_stage_harmfulness hardly does (AUC ≈ 0.5:
+a flipped example hurts some misclassified test points and helps others, and the sum cancels),
+multi_stage_total_harm does (AUC ≈ 0.94), and 78% of each misclassified test point's 20 most
+harmful examples are flipped (base rate 10%). The multi-stage signals remove what hurts the
+finetune task, not only wrong labels: at a 2% budget they raise held-out accuracy most.
+
 ``run_cleaning`` is the one entry point for the pipeline: signals, detection metrics against the
 injected noise, and clean-and-retrain (remove the top x% of each signal, retrain both stages warm-
 started, measure the finetune test accuracy and loss), written to ``cleaning/signals.parquet``,
@@ -45,14 +52,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .config import InfluenceConfig, ValidationConfig
+from .config import CleaningConfig, InfluenceConfig, ValidationConfig
 from .influence import per_example_gradients, pretrain_solver, score_pretraining, stacked_test_vectors
-from .retraining import Retrainer, preconditioned_lbfgs, retrain
+from .retraining import Retrainer, retrain, solve_stage
 from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
-SIGNALS = ("multi_stage_harmfulness", "multi_stage_total_harm", "self_influence", "pretrain_loss", "margin", "cleanlab")
+SIGNALS = ("multi_stage_harmfulness", "multi_stage_total_harm", "self_influence", "pretrain_loss", "margin",
+           "cleanlab")
 """Signal columns of ``cleaning/signals.parquet``, in display order (higher = more suspicious)."""
 NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")
 RECALL_PERCENTS = (5, 10, 20)
@@ -62,36 +70,10 @@ PROTOCOL = (
     "Clean-and-retrain: for each signal, the top x% pretraining examples are removed (weight 0, "
     "denominator m fixed) and both stages are retrained warm-started from the trained parameters "
     "(batched preconditioned L-BFGS); finetune test accuracy and mean loss are measured on the whole "
-    "finetune test set and on the held-out part not used to pick suspects. Baselines: nothing removed ('none', the same retraining protocol), a random x% "
-    "('random') and the truly flipped examples ('oracle'). cleanlab uses out-of-sample probabilities "
-    "from K-fold retraining of the pretraining stage (warm-started at p*).")
-
-
-@dataclass(frozen=True)
-class CleaningConfig:
-    """Knobs of ``run_cleaning``.
-
-    scenario:  scenario whose scores define the multi-stage signals (None: the first scored one).
-    audit_fraction: share of the finetune test set whose misclassified points are the suspects; the
-               rest is held out for an unbiased clean-and-retrain evaluation (1.0: use all).
-    folds:     K of the K-fold out-of-sample probabilities behind the cleanlab signal.
-    percents:  removal sizes of clean-and-retrain, in percent of the pretraining set.
-    retrain_tol / retrain_max_iter / batch_size: batched retraining (see precompute.retraining).
-    seed:      seed of the folds and of the random removals.
-    """
-
-    scenario: str | None = None
-    audit_fraction: float = 0.5
-    folds: int = 5
-    percents: tuple[float, ...] = (2.0, 5.0, 10.0)
-    retrain_tol: float = 1e-6
-    retrain_max_iter: int = 300
-    batch_size: int = 32
-    seed: int = 0
-
-    def validation(self) -> ValidationConfig:
-        return ValidationConfig(retrain_tol=self.retrain_tol, retrain_max_iter=self.retrain_max_iter,
-                                batch_size=self.batch_size, seed=self.seed)
+    "finetune test set and on the held-out part whose labels were not used to pick the suspects of the "
+    "multi-stage signals. Baselines: nothing removed ('none', same protocol), a random x% ('random') and "
+    "exactly the flipped examples ('oracle'). cleanlab uses out-of-sample probabilities from K-fold "
+    "retraining of the pretraining stage (warm-started at p*).")
 
 
 @dataclass
@@ -116,6 +98,12 @@ class CleaningResult:
     heldout_test_ids: list[int]
     timings_s: dict[str, float] = field(default_factory=dict)
     protocol: str = PROTOCOL
+
+    def manifest_info(self) -> dict:
+        """For the manifest's "cleaning" key (the explorer's Data cleaning page reads it)."""
+        return {"scenario": self.scenario, "signals": signal_columns(self.signals),
+                "suspect_test_ids": self.suspect_test_ids, "heldout_test_ids": self.heldout_test_ids,
+                "protocol": self.protocol, "timings_s": self.timings_s}
 
 
 # ---- per-example quantities ----------------------------------------------------------------------
@@ -177,9 +165,10 @@ def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size
     return out
 
 
-def _pretrain_logits(task: TwoStageTask, p: Tensor, rows: slice | Tensor = slice(None)) -> Tensor:
+def _pretrain_logits(task: TwoStageTask, p: Tensor) -> Tensor:
+    """Pretraining outputs [m, C] (class logits: margin and cleanlab assume a classifier)."""
     with torch.no_grad():
-        return task.pretrain_outputs(p, task.pretrain_x[rows])
+        return task.pretrain_outputs(p, task.pretrain_x)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -200,9 +189,9 @@ def out_of_sample_probabilities(task: TwoStageTask, trained: TrainedStages, retr
 
     Fold f's model is the pretraining stage retrained without fold f (weights 0 there and
     m/(m − |fold|) elsewhere, so the objective is the mean over the kept examples), warm-started at
-    p*; all K models are optimised together (batched). Warm starting from p*, which saw every
-    example, can leak a little in-sample memory into non-convex models; the retrained optimum no
-    longer contains the held-out examples' loss terms.
+    p*; all K models are optimised together (``precompute.retraining.solve_stage``). Warm starting
+    from p*, which saw every example, can leak a little in-sample memory into non-convex models;
+    the retrained optimum no longer contains the held-out examples' loss terms.
     """
     labels = task.pretrain_y.cpu().numpy()
     fold = stratified_folds(labels, folds, seed)
@@ -210,19 +199,18 @@ def out_of_sample_probabilities(task: TwoStageTask, trained: TrainedStages, retr
     for f in range(folds):
         keep = torch.as_tensor(fold != f, device=task.device)
         weights[f, keep] = task.m / float(keep.sum())
-    fit = preconditioned_lbfgs(retrainer.objectives["pretrain"], trained.p.expand(folds, -1), weights,
-                               retrainer.precond["pretrain"], tol, max_iter)
-    probs = None
-    for f in range(folds):
-        rows = torch.as_tensor(np.flatnonzero(fold == f), device=task.device)
-        logits = _pretrain_logits(task, fit.params[f], rows)
-        probs = np.zeros((task.m, logits.shape[1])) if probs is None else probs
-        probs[rows.cpu().numpy()] = torch.softmax(logits, 1).cpu().numpy()
-    return probs
+    fit, _ = solve_stage(retrainer.objectives["pretrain"], trained.p.detach().expand(folds, -1), weights,
+                         retrainer.precond["pretrain"], tol, max_iter, "pretraining (K-fold)")
+    probs = [torch.softmax(_pretrain_logits(task, fit.params[f]), 1).cpu().numpy() for f in range(folds)]
+    return np.stack(probs)[fold, np.arange(task.m)]
 
 
 def cleanlab_signal(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Confident-learning suspicion, float64 [m]: flagged by find_label_issues → 1 + (1 − p̂_y), else 1 − p̂_y."""
+    """Confident-learning suspicion, float64 [m] in [0, 2].
+
+    Flagged by ``find_label_issues`` (prune_by_noise_rate): 1 + (1 − p̂_y); otherwise 1 − p̂_y, with
+    p̂_y the out-of-sample probability of the given label (cleanlab's self-confidence quality).
+    """
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 

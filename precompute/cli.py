@@ -15,11 +15,14 @@ import sys
 from dataclasses import replace
 
 from .presets import PRESET_MODELS
-from .config import (SCENARIOS, SOLVERS, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
+from .config import (SCENARIOS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
                      SolverConfig, TrainConfig, ValidationConfig)
 
-DEMO_RUNS = (("digits", {}), ("news", {}))
+# (run name, preset, flag overrides): the demo's noisy run is quick-sized to keep the demo short.
+DEMO_RUNS = (("digits", "digits", {}), ("news", "news", {}),
+             ("digits-noisy", "digits", {"label_noise": 0.1, "quick": True}))
 QUICK_VALIDATION = ValidationConfig(n_test_points=3, k=3, group_percents=(5.0, 10.0))
+QUICK_CLEANING = CleaningConfig(folds=3, percents=(5.0, 10.0))
 
 
 def check_main(argv: list[str]) -> int:
@@ -116,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-column", default="label", help="label column of CSV/JSONL files (default label)")
     g.add_argument("--finetune-test-fraction", type=float, default=0.5, help="finetune examples held out as test points")
     g.add_argument("--label-noise", type=float, default=0.0,
-                   help="flip this fraction of pretraining labels (recorded, to score mislabel detection)")
+                   help="flip this fraction of pretraining labels (recorded, to score mislabel detection; "
+                        "turns on --clean)")
+    g.add_argument("--clean", action="store_true",
+                   help="rank pretraining examples by mislabel signals (multi-stage harm, self-influence, "
+                        "loss, margin, cleanlab) and clean-and-retrain")
     return p
 
 
@@ -140,7 +147,8 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
         train=TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
         influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
                                   finetune_solver=solver, chunk_size=args.chunk_size),
-        validation=validation, device=args.device, dtype=args.dtype,
+        validation=validation, cleaning=replace(QUICK_CLEANING if args.quick else CleaningConfig(), seed=args.seed),
+        clean=args.clean, device=args.device, dtype=args.dtype,
         n_test_points=args.n_test or (6 if args.quick else 32), test_ids=tuple(args.test_ids),
         validate=not args.no_validate, quick=args.quick, overwrite=args.overwrite)
 
@@ -157,7 +165,7 @@ def pipeline_main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.preset == "demo":
         root = args.out or "runs"
-        jobs = [(name, f"{root}/{name}", extra) for name, extra in DEMO_RUNS]
+        jobs = [(preset, f"{root}/{name}", extra) for name, preset, extra in DEMO_RUNS]
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
     for preset, out, extra in jobs:

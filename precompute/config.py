@@ -136,6 +136,33 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class CleaningConfig:
+    """Knobs of ``run_cleaning``.
+
+    scenario:  scenario whose scores define the multi-stage signals (None: the first scored one).
+    audit_fraction: share of the finetune test set whose misclassified points are the suspects; the
+               rest is held out for an unbiased clean-and-retrain evaluation (1.0: use all).
+    folds:     K of the K-fold out-of-sample probabilities behind the cleanlab signal.
+    percents:  removal sizes of clean-and-retrain, in percent of the pretraining set.
+    retrain_tol / retrain_max_iter / batch_size: batched retraining (see precompute.retraining).
+    seed:      seed of the folds and of the random removals.
+    """
+
+    scenario: str | None = None
+    audit_fraction: float = 0.5
+    folds: int = 5
+    percents: tuple[float, ...] = (2.0, 5.0, 10.0)
+    retrain_tol: float = 1e-6
+    retrain_max_iter: int = 300
+    batch_size: int = 32
+    seed: int = 0
+
+    def validation(self) -> ValidationConfig:
+        return ValidationConfig(retrain_tol=self.retrain_tol, retrain_max_iter=self.retrain_max_iter,
+                                batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The preset models: embedding = Linear(d_in, hidden) + tanh, heads = Linear(hidden, classes).
 
@@ -193,6 +220,7 @@ class RunConfig:
                   right and wrong predictions).
     test_ids:     explicit finetune test ids to score.
     validate:     run the retraining validation and baselines.
+    clean:        run mislabel detection and clean-and-retrain (always on when label_noise > 0).
     quick:        small sizes for tests and smoke runs (each preset well under a minute).
     overwrite:    replace an existing run directory (only after the new one is complete).
     """
@@ -203,6 +231,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    clean: bool = False
     device: str = "auto"
     dtype: str = "float64"
     n_test_points: int = 32

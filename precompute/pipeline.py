@@ -152,6 +152,13 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
         for s in config.influence.scenarios:
             diagnostics[s]["training"] = {"pretrain": trained.pretrain.summary(), "finetune": trained.finetune[s].summary()}
         evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress)
+        if config.clean or data.flipped is not None:
+            from .cleaning import run_cleaning
+            with timer.step("cleaning"):
+                cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
+            evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
+                                "cleaning/retrain.parquet": cleaning.retrain}
+            evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
 
         for s, matrix in scores.items():
             writer.save_array(f"scores/{s}.npy", matrix.astype(np.float32))
@@ -188,7 +195,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             "n_pretrain_params": task.n_pretrain_params, "n_finetune_params": task.n_finetune_params,
             "label_noise": None if data.flipped is None else {
                 "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
-            "mislabel_detection": evidence.mislabel_detection,
+            "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
             "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
         }
         path = writer.commit(manifest)
@@ -207,6 +214,7 @@ class Evidence:
     protocol: str = "not run (--no-validate)"
     lds: dict | None = None
     mislabel_detection: dict | None = None
+    cleaning: dict | None = None
 
 
 def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.ndarray],

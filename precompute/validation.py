@@ -87,13 +87,17 @@ class ValidationResult:
 
     pairs:   leave-one-out rows, columns ``PAIR_COLUMNS``.
     group:   group-removal rows, columns ``GROUP_COLUMNS``.
-    summary: {scenario: fit_summary over converged pairs + n_not_converged, spearman_random,
-             per_test_point {test_id: pearson}}.
+    summary: {scenario: fit_summary over converged pairs + n_not_converged, spearman_random (random
+             pairs only), n_left_basin, pearson_in_basin, spearman_in_basin (without pairs whose
+             retraining left the trained basin, see ``RetrainResult.left_basin``), per_test_point
+             {test_id: pearson}}.
     group_summary: {scenario: {"<kind>_<percent>": mean actual, "fraction_harmful<p>_lowers_loss",
              "fraction_helpful<p>_raises_loss"}} (means over validation test points).
     lds:     None, or {scenario: {"mean", "per_test_point", "n_subsets", "fraction"}}.
     protocol: plain-English description of what was done.
-    retrain_stats: {"count", "seconds", "max_grad_norm", "n_not_converged", "iterations"}.
+    retrain_stats: {"count" (models retrained, the reference included), "seconds", "max_grad_norm",
+             "n_not_converged", "iterations" (max steps per stage), "per_model_hessians" (stragglers'
+             own dense Hessians built, per stage)}.
     """
 
     pairs: pd.DataFrame
@@ -213,6 +217,7 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
     weights = sets.weights(m, task.dtype, task.device)
     result = retrain(task, trained, weights, config, scenarios=scenarios, progress=progress)
     ids_t = task.check_test_ids(val_ids)
+    left = result.left_basin().cpu().numpy()
     loss, acc, conv, gnorm = {}, {}, {}, {}
     for s in scenarios:
         loss[s], acc[s] = _readouts(task, result, s, ids_t)
@@ -228,7 +233,9 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
         [(s, val_ids[r], kind, pc, n, pred, loss[s][b, r] - loss[s][0, r], acc[s][b] - acc[s][0], bool(conv[s][b]))
          for s, r, kind, pc, n, pred, b in group], columns=GROUP_COLUMNS)
 
-    summary = {s: _pair_summary(pairs[pairs.scenario == s]) for s in scenarios}
+    pair_left = np.array([left[b] for *_, b in loo], dtype=bool)
+    summary = {s: _pair_summary(pairs[pairs.scenario == s], pair_left[(pairs.scenario == s).to_numpy()])
+               for s in scenarios}
     group_summary = {s: _group_summary(groups[groups.scenario == s], config.group_percents) for s in scenarios}
     lds = None
     if config.lds:
@@ -247,16 +254,25 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
     all_conv = np.stack([conv[s] for s in scenarios]).all(0)
     stats = {"count": len(weights), "seconds": result.seconds,
              "max_grad_norm": float(max(gnorm[s].max() for s in scenarios)),
-             "n_not_converged": int((~all_conv).sum()), "iterations": result.iterations}
+             "n_not_converged": int((~all_conv).sum()), "iterations": result.iterations,
+             "per_model_hessians": result.refreshed,
+             "n_left_basin": int(left[sorted({b for *_, b in loo})].sum()) if loo else 0}
     return ValidationResult(pairs, groups, summary, group_summary, lds, _protocol(config, m, n_val, k), stats)
 
 
-def _pair_summary(rows: pd.DataFrame) -> dict:
-    ok = rows[rows.converged]
+def _pair_summary(rows: pd.DataFrame, left_basin: np.ndarray) -> dict:
+    conv = rows.converged.to_numpy()
+    ok = rows[conv]
     out = fit_summary(ok.predicted.to_numpy(), ok.actual.to_numpy())
     rand = ok[ok.kind == "random"]
     out["spearman_random"] = spearman(rand.predicted.to_numpy(), rand.actual.to_numpy())
-    out["n_not_converged"] = int((~rows.converged).sum())
+    out["n_not_converged"] = int((~conv).sum())
+    # Pairs whose retraining slid to another basin (RetrainResult.left_basin): counted, and the fit
+    # is also given without them, to separate the score's accuracy from non-local jumps.
+    local = rows[conv & ~left_basin]
+    out["n_left_basin"] = int((conv & left_basin).sum())
+    out["pearson_in_basin"] = pearson(local.predicted.to_numpy(), local.actual.to_numpy())
+    out["spearman_in_basin"] = spearman(local.predicted.to_numpy(), local.actual.to_numpy())
     out["per_test_point"] = {int(t): pearson(g.predicted.to_numpy(), g.actual.to_numpy())
                              for t, g in ok.groupby("test_id", sort=False)}
     return out

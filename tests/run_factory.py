@@ -369,7 +369,8 @@ def _synthetic_cleaning(rng, flipped, original, train_labels, n_classes, score_m
         if flipped.any():
             plan.append(("oracle", 100.0 * flipped.mean(), int(flipped.sum())))
         for sig, pct, n in plan:
-            gain = {"none": 0.0, "random": -0.002 * pct, "oracle": 0.03}.get(sig, 0.003 * pct * strength.get(sig, 1) / 2.5)
+            gain = {"none": 0.0, "random": -0.002 * pct, "oracle": 0.03}.get(
+                sig, 0.003 * pct * strength.get(sig, 1) / 2.5)
             acc = min(1.0, base + gain)
             rows.append({"signal": sig, "percent": pct, "scenario": sc, "n_removed": n, "test_accuracy": acc,
                          "test_loss": 0.4 - gain, "heldout_accuracy": acc - 0.01, "heldout_loss": 0.41 - gain,

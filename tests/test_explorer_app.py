@@ -32,12 +32,14 @@ PAGES = {
     "validation": "pages_/validation.py",
     "pretrain_example": "pages_/pretrain_example.py",
     "run_info": "pages_/run_info.py",
+    "data_cleaning": "pages_/data_cleaning.py",
 }
 PAGE_MARKERS = {
     "test_point": "Which pretraining examples shaped this prediction?",
     "validation": "Do the scores predict actual retraining?",
     "pretrain_example": "Pretraining example",
     "run_info": "What the score means",
+    "data_cleaning": "Which pretraining labels look wrong?",
 }
 
 

@@ -65,6 +65,11 @@ with c_facts:
         ("Scenario", scenario),
         ("Source", info["source"]),
     ])
+    if not info["correct"]:
+        if st.button("Find mislabeled pretraining examples behind this error →", key="to_cleaning",
+                     help="Open the Data cleaning page ranked by the harm to this test point"):
+            st.session_state["sel_clean_rank"] = "test"
+            st.switch_page("pages_/data_cleaning.py")
     summary = data.score_summary(key, scenario, test_id)
     st.caption(
         f"{summary['n_helpful']:,} of {summary['n']:,} pretraining examples have a positive score "
