@@ -55,10 +55,12 @@ SHARED_ITERS = 100
 """Steps with the shared base-Hessian preconditioner before stragglers get their own."""
 REFRESH_ITERS = 25
 REFRESH_GROUP = 16
-"""Stragglers whose dense Hessians are held at once (REFRESH_GROUP·D² floats)."""
+REFRESH_BYTES = 2**29
+"""Stragglers whose dense Hessians are held at once: REFRESH_GROUP, fewer if their D² floats
+would exceed REFRESH_BYTES (D = 1125: 16 models, 160 MB; D = 5000: 2 models)."""
 # An objective "increase" below this many ulps of |L| is rounding noise near the optimum, where
 # the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
-ROUNDING_SLACK = 100 * torch.finfo(torch.float64).eps
+ROUNDING_ULPS = 100
 
 BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
@@ -140,6 +142,7 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
     s_hist, y_hist = torch.zeros(b, history, dim, **kw), torch.zeros(b, history, dim, **kw)
     rho = torch.zeros(b, history, **kw)          # 1/(sᵀy) per stored pair, 0 marks an empty slot
     stalled = torch.zeros(b, dtype=torch.bool, device=x.device)
+    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
     iterations = 0
     for _ in range(max_iter):
         active = ((gnorm > tol) & ~stalled).nonzero()[:, 0]
@@ -159,7 +162,7 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
         for _ in range(MAX_HALVINGS + 1):
             cand = xa[todo] + t[todo, None] * step[todo]
             gc, fc = batched(cand, da[todo])
-            bound = fa[todo] + ARMIJO * t[todo] * slope[todo] + ROUNDING_SLACK * fa[todo].abs().clamp_min(1.0)
+            bound = fa[todo] + ARMIJO * t[todo] * slope[todo] + slack * fa[todo].abs().clamp_min(1.0)
             ok = torch.isfinite(fc) & (fc <= bound)
             rows, acc = active[todo[ok]], todo[ok]
             s_new, y_new = cand[ok] - xa[acc], gc[ok] - ga[acc]
@@ -216,7 +219,8 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     while not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
         left = (~conv).nonzero()[:, 0]
-        for group in torch.split(left, REFRESH_GROUP):
+        per_hessian = x.shape[1] ** 2 * x.element_size()
+        for group in torch.split(left, max(1, min(REFRESH_GROUP, REFRESH_BYTES // per_hessian))):
             own = Preconditioner.per_model(objective, x[group], data[group], what)
             sub = preconditioned_lbfgs(objective, x[group], data[group], own, tol, steps)
             x[group], gnorm[group], conv[group] = sub.params, sub.grad_norm, sub.converged

@@ -102,6 +102,27 @@ def test_top_helpful_raises_and_top_harmful_lowers_the_loss(tiny):
         assert loss[1] > loss[0] > loss[2], (row, loss)
 
 
+def test_stragglers_with_their_own_hessian_reach_the_same_optimum(tiny, monkeypatch):
+    task, trained, _ = tiny
+    weights = removal_weights(task, [3], range(0, task.m, 2))
+    reference = retrain(task, trained, weights, STRICT, progress=False)
+    # Force the fallback: one shared step, then per-model dense Hessians every 2 steps.
+    monkeypatch.setattr(retraining, "SHARED_ITERS", 1)
+    monkeypatch.setattr(retraining, "REFRESH_ITERS", 2)
+    forced = retrain(task, trained, weights, STRICT, progress=False)
+    assert forced.refreshed["pretrain"] > 0 and forced.chain_converged("updated").all()
+    torch.testing.assert_close(forced.p, reference.p, rtol=0, atol=1e-9)
+    torch.testing.assert_close(forced.q["updated"], reference.q["updated"], rtol=0, atol=1e-9)
+
+
+def test_left_basin_flags_long_or_turned_changes():
+    eye = torch.eye(3, dtype=torch.float64)
+    linear = torch.stack([torch.zeros(3), eye[0], eye[0], eye[0]]).double()
+    actual = torch.stack([torch.zeros(3), 1.2 * eye[0], 5 * eye[0], eye[1]]).double()
+    result = retraining.RetrainResult(actual, {}, {}, {}, p_linear=linear)
+    assert result.left_basin().tolist() == [False, False, True, True]
+
+
 def test_refuses_models_too_large_for_the_dense_preconditioner(tiny, monkeypatch):
     task, trained, _ = tiny
     monkeypatch.setattr(retraining, "MAX_DENSE_PARAMS", 50)
@@ -141,7 +162,7 @@ def test_leave_one_out_pairs(validated):
         # Measured 0.98 (fixed) and 0.98 (updated); slope about 1.8: removing a top example also
         # removes its curvature, which the first-order score ignores (see the module docs).
         assert summary["pearson"] > 0.9, summary
-        assert summary["spearman"] > 0.9 and summary["n_not_converged"] == 0
+        assert summary["spearman"] > 0.9 and summary["n_not_converged"] == 0 and summary["n_left_basin"] == 0
         assert summary["slope"] > 0.5
         assert set(summary["per_test_point"]) == {0, 1, 2, 3}
         ranked = pairs[pairs.scenario == scenario]
