@@ -7,7 +7,10 @@ error mid-scoring, and an uncaught one before the commit barrier) propagates and
 
 from __future__ import annotations
 
-from pathlib import Path
+import copy
+import os
+import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +19,7 @@ import torch
 
 from precompute.config import InfluenceConfig, SolverConfig
 from precompute.distributed import (LazyRows, commit_after_barrier, distributed_pretrain_hvp,
-                                    distributed_test_vectors, rank_zero_writer, run_on_ranks,
+                                    distributed_test_vectors, raise_on_sigterm, rank_zero_writer, run_on_ranks,
                                     score_in_blocks, shard_range, sharded_multi_stage_scores, torchrun_env,
                                     write_scores_memmap)
 from precompute.fd_check import TIGHT, build_check_task
@@ -75,7 +78,6 @@ def test_blocks_and_memmaps_match_one_pass(trained_task, tmp_path):
 
     np.save(tmp_path / "x.npy", task.pretrain_x.numpy())
     np.save(tmp_path / "y.npy", task.pretrain_y.numpy())
-    import copy
     lazy = copy.copy(task)
     lazy.pretrain_x = LazyRows(np.load(tmp_path / "x.npy", mmap_mode="r"), dtype=task.dtype)
     lazy.pretrain_y = LazyRows(np.load(tmp_path / "y.npy", mmap_mode="r"))
@@ -83,6 +85,21 @@ def test_blocks_and_memmaps_match_one_pass(trained_task, tmp_path):
     score_in_blocks(lazy, trained.p, vectors, slice(0, task.m), out, chunk_size=7, block_size=20)
     out.flush()
     np.testing.assert_allclose(np.load(tmp_path / "scores.npy", allow_pickle=False), reference, rtol=1e-6, atol=1e-12)
+
+
+def test_sigterm_aborts_the_writer(tmp_path):
+    """torchrun / mp.spawn SIGTERM the surviving ranks: the handler deletes the temporary run."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        raise_on_sigterm()
+        with pytest.raises(SystemExit):
+            with rank_zero_writer(tmp_path / "run") as writer:
+                writer.save_array("scores/fixed.npy", np.zeros((1, 2), np.float32))
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)                       # the handler raises here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- two ranks ---------------------------------------------------------------------------------------
