@@ -42,6 +42,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
     and steps off it, and the next round of L-BFGS continues from there.
     """
     x = x0.detach().clone()
+    if not torch.isfinite(objective(x)):
+        raise TaskError(f"{desc or 'training'}: objective is non-finite at the start; check the inputs and loss")
     iterations, rounds = 0, 0
     bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
     polish = config.newton_polish and x.numel() <= config.newton_max_params

@@ -212,7 +212,7 @@ def test_loss_that_returns_a_batch_mean_is_refused():
 def test_non_finite_loss_is_refused():
     task = small_task()
     task.pretrain_x[0, 0] = float("nan")
-    with pytest.raises(TaskError, match="objective became non-finite"):
+    with pytest.raises(TaskError, match="objective is non-finite"):
         train_stages(task, TrainConfig(max_iter=5), alpha=1.0, progress=False)
     clean = small_task()
     clean.test_x[1, 0] = float("inf")
