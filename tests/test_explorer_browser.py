@@ -178,3 +178,21 @@ def test_validation_page_scatter(server, browser, browser_runs):
     _save(page, "screenshot-validation.png")
     assert not errors, errors
     page.close()
+
+
+def test_data_cleaning_page(server, browser, browser_runs):
+    """The noisy quick run's suspects render as images, with the detection curves."""
+    _, name = browser_runs
+    page = browser.new_page(viewport={"width": 1440, "height": 1500})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/data-cleaning?run={name}&scenario=fixed")
+    page.wait_for_selector(IMG, timeout=60_000)
+    page.wait_for_selector(".js-plotly-plot", timeout=30_000)
+    _settle(page)
+    assert "Which pretraining labels look wrong?" in page.content()
+    assert page.locator(IMG).count() >= 8
+    assert page.eval_on_selector_all(IMG, "els => els.every(e => e.complete && e.naturalWidth > 0)")
+    _save(page, "screenshot-data-cleaning.png")
+    assert not errors, errors
+    page.close()
