@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from .presets import PRESET_MODELS
 from .config import (SCENARIOS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
@@ -170,6 +171,9 @@ def pipeline_main(argv: list[str]) -> int:
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
     for preset, out, extra in jobs:
+        if args.preset == "demo" and not args.overwrite and (Path(out) / "manifest.json").exists():
+            print(f"== {out} exists: kept (pass --overwrite to rebuild it)", flush=True)
+            continue
         try:
             config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
             print(f"== {preset} -> {out}", flush=True)
