@@ -137,12 +137,13 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
         with timer.step("load data"):
             data = load_task_data(config.data, config.model, quick=config.quick)
             task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
+            explicit_ids = task.check_test_ids(config.test_ids).tolist() if config.test_ids else None
         with timer.step("train"):
             trained = train_stages(task, config.train, config.influence.alpha, config.influence.scenarios,
                                    progress=progress)
         preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
-        if config.test_ids:
-            test_ids = task.check_test_ids(config.test_ids).tolist()
+        if explicit_ids:
+            test_ids = explicit_ids
         else:
             first = preds[config.influence.scenarios[0]][0]
             test_ids = choose_test_points(data.finetune_test.labels, first == data.finetune_test.labels,
