@@ -22,3 +22,15 @@ def quick_runs(tmp_path_factory):
     assert main(["--preset", "digits", "--quick", "--label-noise", "0.1", "--out", str(root / "digits")]) == 0
     assert main(["--preset", "news", "--quick", "--out", str(root / "news")]) == 0
     return root, {"image": "digits", "text": "news"}
+
+
+@pytest.fixture
+def clear_streamlit_caches():
+    """Empty st.cache_data / st.cache_resource before and after an AppTest test."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()

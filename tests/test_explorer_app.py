@@ -49,13 +49,8 @@ def explorer_runs(quick_runs) -> tuple[Path, dict[str, str]]:
     return quick_runs
 
 
-@pytest.fixture(autouse=True)
-def _clear_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+# AppTest shares Streamlit's caches across tests: start each test from empty caches.
+pytestmark = pytest.mark.usefixtures("clear_streamlit_caches")
 
 
 def make_app(monkeypatch, root: Path, **query) -> AppTest:

@@ -37,13 +37,8 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, {"image": "digits-noisy", "text": "news-noisy", "plain": "plain"}
 
 
-@pytest.fixture(autouse=True)
-def _clear_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+# AppTest shares Streamlit's caches across tests: start each test from empty caches.
+pytestmark = pytest.mark.usefixtures("clear_streamlit_caches")
 
 
 def open_page(monkeypatch, root: Path, rank: str | None = None, **query) -> AppTest:
