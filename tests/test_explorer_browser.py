@@ -133,12 +133,18 @@ def _save(page, name: str) -> Path:
     return out
 
 
-def test_test_point_page_images_and_next(server, browser, browser_runs):
-    _, name = browser_runs
-    page = browser.new_page(viewport={"width": 1440, "height": 1500})
+def _open(browser, url: str, height: int) -> tuple[object, list[str]]:
+    """A fresh page at ``url`` that records uncaught page errors."""
+    page = browser.new_page(viewport={"width": 1440, "height": height})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server}/?run={name}&scenario=fixed")
+    page.goto(url)
+    return page, errors
+
+
+def test_test_point_page_images_and_next(server, browser, browser_runs):
+    _, name = browser_runs
+    page, errors = _open(browser, f"{server}/?run={name}&scenario=fixed", 1500)
     page.wait_for_selector(HELPFUL_IMG, timeout=60_000)
     _settle(page)
     assert page.locator(IMG).count() >= 1 + 2 * 12
@@ -165,10 +171,7 @@ def test_test_point_page_images_and_next(server, browser, browser_runs):
 
 def test_validation_page_scatter(server, browser, browser_runs):
     _, name = browser_runs
-    page = browser.new_page(viewport={"width": 1440, "height": 1300})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server}/validation?run={name}&scenario=fixed")
+    page, errors = _open(browser, f"{server}/validation?run={name}&scenario=fixed", 1300)
     page.wait_for_selector(".js-plotly-plot", timeout=60_000)
     _settle(page, 2.0)
     # two scatters with their points drawn (SVG markers), plus group curves and baseline bars
@@ -183,10 +186,7 @@ def test_validation_page_scatter(server, browser, browser_runs):
 def test_data_cleaning_page(server, browser, browser_runs):
     """The noisy quick run's suspects render as images, with the detection curves."""
     _, name = browser_runs
-    page = browser.new_page(viewport={"width": 1440, "height": 1500})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server}/data-cleaning?run={name}&scenario=fixed")
+    page, errors = _open(browser, f"{server}/data-cleaning?run={name}&scenario=fixed", 1500)
     page.wait_for_selector(IMG, timeout=60_000)
     page.wait_for_selector(".js-plotly-plot", timeout=30_000)
     _settle(page)
