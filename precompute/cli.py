@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-ids", type=_csv(int), default=(), help="explicit finetune test ids, e.g. 0,5,9")
     g.add_argument("--chunk-size", type=int, default=256, help="pretraining examples per scoring chunk")
 
+    g = p.add_argument_group("scale (see README: torchrun -m precompute ... shards the scoring pass)")
+    g.add_argument("--scores-to-disk", action="store_true",
+                   help="stream scores into the run directory chunk by chunk (memory maps) instead of "
+                        "holding them in memory; for very large pretraining sets")
+    g.add_argument("--distributed-solve", action="store_true",
+                   help="under torchrun: solve the pretraining Hessian system on every rank with a "
+                        "data-parallel Hessian-vector product (default: rank 0 solves, then broadcasts)")
+
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=int, help="embedding width (default: digits 16, news 8, custom 16)")
     g.add_argument("--pretrain-l2", type=float, help="λ_P on the pretraining parameters (default 1e-2)")
@@ -148,45 +156,68 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
                          if v is not None}),
         train=TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
         influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
-                                  finetune_solver=solver, chunk_size=args.chunk_size),
+                                  finetune_solver=solver, chunk_size=args.chunk_size,
+                                  distributed_solve=args.distributed_solve),
         validation=validation, cleaning=replace(QUICK_CLEANING if args.quick else CleaningConfig(), seed=args.seed),
         clean=args.clean, device=args.device, dtype=args.dtype,
         n_test_points=args.n_test or (6 if args.quick else 32), test_ids=tuple(args.test_ids),
-        validate=not args.no_validate, quick=args.quick, overwrite=args.overwrite)
+        validate=not args.no_validate, quick=args.quick, overwrite=args.overwrite,
+        scores_to_disk=args.scores_to_disk)
 
 
 def pipeline_main(argv: list[str]) -> int:
+    """One run (or the demo's runs). Under torchrun every rank runs this; rank 0 alone prints."""
+    from .distributed import close_distributed, get_rank, init_distributed
+
+    args = build_parser().parse_args(argv)
+    import torch
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        init_distributed(args.device)               # joins torchrun's process group; no-op otherwise
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_jobs(args, get_rank() == 0)
+    finally:
+        close_distributed()
+
+
+def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
     from .data import DataError
+    from .distributed import DistributedError, broadcast_object
     from .pipeline import run_pipeline
     from .runstore import RunStoreError
     from .solvers import SolverError
     from .task import TaskError
 
-    args = build_parser().parse_args(argv)
-    import torch
-    torch.set_num_threads(max(1, args.threads))
+    say = (lambda text: print(text, flush=True)) if main_rank else (lambda text: None)
     if args.preset == "demo":
         root = args.out or "runs"
         jobs = [(preset, f"{root}/{name}", extra) for name, preset, extra in DEMO_RUNS]
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
     for preset, out, extra in jobs:
-        if args.preset == "demo" and not args.overwrite and (Path(out) / "manifest.json").exists():
-            print(f"== {out} exists: kept (pass --overwrite to rebuild it)", flush=True)
+        exists = broadcast_object(main_rank and (Path(out) / "manifest.json").exists())
+        if args.preset == "demo" and not args.overwrite and exists:
+            say(f"== {out} exists: kept (pass --overwrite to rebuild it)")
             continue
         try:
             config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
-            print(f"== {preset} -> {out}", flush=True)
+            say(f"== {preset} -> {out}")
             summary = run_pipeline(config)
-        except (DataError, TaskError, SolverError, RunStoreError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (DataError, TaskError, SolverError, RunStoreError, DistributedError, ValueError) as err:
+            if main_rank:                           # other ranks' errors reach rank 0 by name
+                print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"interrupted: nothing was written to {out}", file=sys.stderr)
+            if main_rank:
+                print(f"interrupted: nothing was written to {out}", file=sys.stderr)
             return 130
-        print("\n".join(summary.lines()), flush=True)
+        if main_rank:
+            say("\n".join(summary.lines()))
     if args.preset == "demo":
-        print(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
+        say(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
     return 0
 
 

@@ -62,6 +62,11 @@ class TrainConfig:
                 the stage has at most ``newton_max_params`` parameters; they reach machine
                 precision in a few steps near a minimum, which the retraining check relies on.
     rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
+    stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
+                chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the
+                task's pretraining inputs are ``LazyRows`` (memory-mapped), in chunks of 4,096;
+                otherwise one autograd graph over the whole set. Newton polish, when it applies,
+                then costs ⌈P/256⌉ passes over the data per step.
     """
 
     max_iter: int = 3000
@@ -71,6 +76,11 @@ class TrainConfig:
     newton_polish: int = 10
     newton_max_params: int = 6000
     rounds: int = 4
+    stream_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stream_chunk < 0:
+            raise ValueError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,10 @@ class InfluenceConfig:
     finetune_solver: solver for H_UU⁻¹ ("fixed") or (H_F + αD)⁻¹ ("updated").
     chunk_size: pretraining examples per chunk of the streamed scoring pass; peak memory is
                 about chunk_size × P floats.
+    distributed_solve: under torchrun, solve H_P⁻¹ on every rank in lockstep with a data-parallel
+                Hessian-vector product (each rank's shard, all-reduced) instead of on rank 0 alone;
+                for pretraining sets too large for one device's Hessian products. Single process:
+                no effect.
     """
 
     scenarios: tuple[str, ...] = SCENARIOS
@@ -91,6 +105,7 @@ class InfluenceConfig:
     pretrain_solver: SolverConfig = field(default_factory=SolverConfig)
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
     chunk_size: int = 256
+    distributed_solve: bool = False
 
     def __post_init__(self) -> None:
         for s in self.scenarios:
@@ -223,6 +238,9 @@ class RunConfig:
     clean:        run mislabel detection and clean-and-retrain (always on when label_noise > 0).
     quick:        small sizes for tests and smoke runs (each preset well under a minute).
     overwrite:    replace an existing run directory (only after the new one is complete).
+    scores_to_disk: stream scores into the run directory's .npy files (memory maps, written block
+                  by block by every rank) instead of holding the [T, m] matrices in memory; for
+                  very large pretraining sets.
     """
 
     out: str
@@ -240,3 +258,4 @@ class RunConfig:
     validate: bool = True
     quick: bool = False
     overwrite: bool = False
+    scores_to_disk: bool = False

@@ -50,6 +50,7 @@ release vs 978 MiB without (371 MiB of it is the imports), about 1.1 s per 100,0
 from __future__ import annotations
 
 import copy
+import dataclasses
 import mmap
 import os
 import pickle
@@ -79,9 +80,9 @@ from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
 __all__ = [
-    "DistEnv", "DistributedError", "LazyRows", "torchrun_env", "init_distributed", "is_distributed",
+    "DistEnv", "DistributedError", "LazyRows", "torchrun_env", "init_distributed", "close_distributed", "is_distributed",
     "get_rank", "get_world_size", "default_backend", "collective_device", "shard_range", "shard_task",
-    "agree", "broadcast_object", "broadcast_vectors", "rank_zero_compute", "distributed_hvp",
+    "agree", "agreed", "broadcast_object", "broadcast_vectors", "rank_zero_compute", "distributed_hvp",
     "pretrain_shard_objective", "distributed_pretrain_hvp", "distributed_pretrain_solver",
     "distributed_test_vectors", "write_scores_memmap", "release_pages", "score_in_blocks",
     "sharded_score_pretraining", "sharded_multi_stage_scores", "rank_zero_writer", "commit_after_barrier",
@@ -157,6 +158,12 @@ def init_distributed(device: str = "auto", backend: str | None = None,
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s), **kwargs)
     return env, dev
+
+
+def close_distributed() -> None:
+    """Leaves the process group (if any); call once at the end of a torchrun job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -297,9 +304,24 @@ def agree(error: BaseException | None, what: str) -> None:
         raise DistributedError(f"{what} failed on rank {', '.join(map(str, failed))}: {detail}", failed)
 
 
+@contextmanager
+def agreed(what: str):
+    """Collective block: it runs on every rank; if it raised on any rank, it raises on every rank
+    (``agree`` after the block). Outside a process group it is a plain block."""
+    error = None
+    try:
+        yield
+    except Exception as err:      # noqa: BLE001 (reported to every rank, then re-raised)
+        error = err
+    agree(error, what)
+
+
 def _map_tensors(obj, fn):
     if isinstance(obj, Tensor):
         return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

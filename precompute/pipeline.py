@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 
 from .config import RunConfig
+from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
+                          rank_zero_compute, rank_zero_writer, sharded_multi_stage_scores)
 from .influence import multi_stage_scores
 from .presets import TaskData, build_task, load_task_data
 from .runstore import RunWriter
@@ -124,83 +126,115 @@ class RunSummary:
             fit = (f"; vs retraining: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}, "
                    f"slope {v['slope']:.2f} over {v['n_pairs']} removals") if v else ""
             out.append(f"  {s:8} finetune test accuracy {acc:.3f}{fit}")
-        out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+        out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
+                   + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
         return out
 
 
 def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
-    """Runs every step and writes the run directory atomically; returns where and what."""
+    """Runs every step and writes the run directory atomically; returns where and what.
+
+    Under torchrun (after ``precompute.distributed.init_distributed``) every rank calls it: rank 0
+    trains and broadcasts the parameters, the scoring pass is sharded over the ranks, and rank 0
+    alone validates, writes and, once every rank has reported success, commits the run. A failure
+    on any rank raises on every rank and leaves no run directory.
+    """
     timer = Timer()
+    rank, world = get_rank(), get_world_size()
+    main = rank == 0
+    progress = progress and main
     device = resolve_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())     # cuda:LOCAL_RANK
     dtype = {"float64": torch.float64, "float32": torch.float32}[config.dtype]
-    with RunWriter(config.out, overwrite=config.overwrite) as writer:   # fails fast if --out exists
-        with timer.step("load data"):
+    with rank_zero_writer(config.out, overwrite=config.overwrite) as writer:   # fails fast if --out exists
+        with timer.step("load data"), agreed("loading data"):
             data = load_task_data(config.data, config.model, quick=config.quick)
             task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
             explicit_ids = task.check_test_ids(config.test_ids).tolist() if config.test_ids else None
         with timer.step("train"):
-            trained = train_stages(task, config.train, config.influence.alpha, config.influence.scenarios,
-                                   progress=progress)
+            trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
+                                        config.influence.scenarios, progress=progress, device=device,
+                                        what="training")
         preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
         if explicit_ids:
             test_ids = explicit_ids
         else:
             first = preds[config.influence.scenarios[0]][0]
-            test_ids = choose_test_points(data.finetune_test.labels, first == data.finetune_test.labels,
-                                          config.n_test_points)
+            test_ids = broadcast_object(choose_test_points(
+                data.finetune_test.labels, first == data.finetune_test.labels, config.n_test_points))
         with timer.step("influence"):
-            scores, diagnostics = multi_stage_scores(task, trained, test_ids, config.influence, progress=progress)
-        for s in config.influence.scenarios:
-            diagnostics[s]["training"] = {"pretrain": trained.pretrain.summary(), "finetune": trained.finetune[s].summary()}
-        evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress)
-        if config.clean or data.flipped is not None:
-            from .cleaning import run_cleaning
-            with timer.step("cleaning"):
-                cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
-            evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
-                                "cleaning/retrain.parquet": cleaning.retrain}
-            evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
+            if world > 1 or config.scores_to_disk:
+                scores, diagnostics = sharded_multi_stage_scores(
+                    task, trained, test_ids, config.influence, progress=progress,
+                    out_dir=writer.path if config.scores_to_disk and main else None,
+                    distributed_solve=config.influence.distributed_solve)
+            else:
+                scores, diagnostics = multi_stage_scores(task, trained, test_ids, config.influence,
+                                                         progress=progress)
+        manifest = None
+        with agreed("validating and writing the run"):
+            if main:
+                manifest = write_run(writer, data, task, trained, scores, diagnostics, preds, test_ids,
+                                     config, timer, progress, device, world)
+        path = commit_after_barrier(writer, manifest)
+    return RunSummary(path, manifest or {})
 
+
+def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,
+              scores: dict[str, np.ndarray], diagnostics: dict, preds: dict, test_ids: list[int],
+              config: RunConfig, timer: Timer, progress: bool, device: torch.device, world: int) -> dict:
+    """Validation, cleaning and every file of the run (rank 0); returns the manifest to commit."""
+    for s in config.influence.scenarios:
+        diagnostics[s]["training"] = {"pretrain": trained.pretrain.summary(), "finetune": trained.finetune[s].summary()}
+    evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress)
+    if config.clean or data.flipped is not None:
+        from .cleaning import run_cleaning
+        with timer.step("cleaning"):
+            cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
+        evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
+                            "cleaning/retrain.parquet": cleaning.retrain}
+        evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
+
+    if not config.scores_to_disk:        # else the scoring pass has written scores/<scenario>.npy
         for s, matrix in scores.items():
             writer.save_array(f"scores/{s}.npy", matrix.astype(np.float32))
-        pre_table = pretrain_table(data, task, trained.p)
-        writer.save_table("pretrain.parquet", pre_table)
-        writer.save_table("finetune_test.parquet", test_table(data, preds))
-        if data.modality == "image":
-            writer.save_array("images/pretrain.npy", data.pretrain.images)
-            writer.save_array("images/finetune_test.npy", data.finetune_test.images)
-        else:
-            writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
-        nt = task.n_theta
-        writer.save_tensors("weights/pretrain.safetensors",
-                            stage_weights(task, trained.p[:nt], trained.p[nt:], "pretrain_head"))
-        for s in config.influence.scenarios:
-            q = trained.q(s)
-            writer.save_tensors(f"weights/finetune_{s}.safetensors", stage_weights(task, q[:nt], q[nt:], "finetune_head"))
-        for rel, table in evidence.tables.items():
-            writer.save_table(rel, table)
-        manifest = {
-            "preset": config.data.preset, "modality": data.modality,
-            "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
-            "test_points": test_ids, "validation_test_points": evidence.validation_test_points,
-            "scenarios": list(config.influence.scenarios),
-            "pretrain_class_names": list(data.pretrain.class_names),
-            "finetune_class_names": list(data.finetune_test.class_names),
-            "pretrain_accuracy": float((pre_table["predicted_label"] == pre_table["label"]).mean()),
-            "finetune_accuracy": {s: float((preds[s][0] == data.finetune_test.labels).mean())
-                                  for s in config.influence.scenarios},
-            "validation": evidence.summary, "baselines": evidence.baselines,
-            "group_removal": evidence.group_summary, "validation_protocol": evidence.protocol,
-            "lds": evidence.lds, "timings_s": timer.seconds, "diagnostics": diagnostics,
-            "config": asdict(config), "device": str(device), "dtype": config.dtype,
-            "n_pretrain_params": task.n_pretrain_params, "n_finetune_params": task.n_finetune_params,
-            "label_noise": None if data.flipped is None else {
-                "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
-            "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
-            "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
-        }
-        path = writer.commit(manifest)
-    return RunSummary(path, manifest)
+    pre_table = pretrain_table(data, task, trained.p)
+    writer.save_table("pretrain.parquet", pre_table)
+    writer.save_table("finetune_test.parquet", test_table(data, preds))
+    if data.modality == "image":
+        writer.save_array("images/pretrain.npy", data.pretrain.images)
+        writer.save_array("images/finetune_test.npy", data.finetune_test.images)
+    else:
+        writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
+    nt = task.n_theta
+    writer.save_tensors("weights/pretrain.safetensors",
+                        stage_weights(task, trained.p[:nt], trained.p[nt:], "pretrain_head"))
+    for s in config.influence.scenarios:
+        q = trained.q(s)
+        writer.save_tensors(f"weights/finetune_{s}.safetensors", stage_weights(task, q[:nt], q[nt:], "finetune_head"))
+    for rel, table in evidence.tables.items():
+        writer.save_table(rel, table)
+    return {
+        "preset": config.data.preset, "modality": data.modality,
+        "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
+        "test_points": test_ids, "validation_test_points": evidence.validation_test_points,
+        "scenarios": list(config.influence.scenarios),
+        "pretrain_class_names": list(data.pretrain.class_names),
+        "finetune_class_names": list(data.finetune_test.class_names),
+        "pretrain_accuracy": float((pre_table["predicted_label"] == pre_table["label"]).mean()),
+        "finetune_accuracy": {s: float((preds[s][0] == data.finetune_test.labels).mean())
+                              for s in config.influence.scenarios},
+        "validation": evidence.summary, "baselines": evidence.baselines,
+        "group_removal": evidence.group_summary, "validation_protocol": evidence.protocol,
+        "lds": evidence.lds, "timings_s": timer.seconds, "diagnostics": diagnostics,
+        "config": asdict(config), "device": str(device), "dtype": config.dtype, "world_size": world,
+        "n_pretrain_params": task.n_pretrain_params, "n_finetune_params": task.n_finetune_params,
+        "label_noise": None if data.flipped is None else {
+            "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
+        "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
+        "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
+    }
 
 
 @dataclass
