@@ -98,3 +98,12 @@ def test_a_rank_killed_mid_run_leaves_nothing(tmp_path):
     assert proc.returncode != 0
     assert "run written to" not in stdout
     assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_bad_input_is_reported_once_by_rank_0(tmp_path):
+    proc = subprocess.run(torchrun(*QUICK, "--test-ids", "9999", "--out", str(tmp_path / "digits")),
+                          env=loopback_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: test id(s) [9999] out of range: the finetune test set has 100 examples (ids 0..99)"]
+    assert list(tmp_path.iterdir()) == []
