@@ -13,7 +13,8 @@ run = ctx.run
 m = run.manifest
 
 st.markdown(f"## Run `{run.name}`")
-st.caption(f"{run.path} · created {m.get('created', '?')} · format version {m.get('format_version')}")
+st.caption(f"{run.path} · created {m.get('created', '?')} · format version {m.get('format_version')} · "
+           f"computed on {m.get('device', '?')} in {m.get('dtype', '?')}, {m.get('world_size', 1)} process(es)")
 
 st.markdown("### What the score means")
 c_def, c_sign = st.columns([3, 2], gap="large")
