@@ -40,9 +40,12 @@ nccl watchdog abort) can leave the temporary ``.<name>.tmp-*`` sibling, which is
 manifest; names starting with '.' are not listed by ``list_runs``), as for a single process.
 
 Memory for huge m: ``write_scores_memmap`` opens the [T, m] float32 output as a .npy memory map,
-``LazyRows`` turns rows of a memory-mapped input array into tensors one chunk at a time, and the
-scoring loop releases both maps' pages after every block (``release_pages``), so resident memory
-stays bounded by the block size, not by m. Measured (``benchmarks/bench_large.py``, m = 1,000,000
+``LazyRows`` (``precompute.streaming``, re-exported here) turns rows of a memory-mapped input array
+into tensors one chunk at a time, and the scoring loop releases both maps' pages after every block
+(``release_pages``), so resident memory stays bounded by the block size, not by m. On a task whose
+inputs are ``LazyRows`` the data-parallel HVP streams each shard too (``pretrain_shard_objective``
+returns a ``StreamedPretrainObjective``: one chunked pass per product, memory O(chunk)), as do
+single-process training and the pretraining solve (see ``precompute.streaming``). Measured (``benchmarks/bench_large.py``, m = 1,000,000
 digits-sized examples, P = 1,125, T = 64, chunk 1,024, one CPU thread): peak RSS 527 MiB with
 release vs 978 MiB without (371 MiB of it is the imports), about 1.1 s per 100,000 examples.
 """
@@ -51,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import mmap
 import os
 import pickle
 import re
@@ -76,6 +78,7 @@ from .influence import (batched_hvp, embedding_sensitivity_fixed, embedding_sens
                         score_pretraining, stacked_test_vectors)
 from .runstore import RunWriter
 from .solvers import BatchedHVP, InverseHVP, make_solver
+from .streaming import DEFAULT_CHUNK, LazyRows, StreamedPretrainObjective, is_lazy, release_pages
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -225,49 +228,6 @@ def shard_range(m: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-class LazyRows:
-    """Rows of a (memory-mapped) numpy array that become tensors only a slice at a time.
-
-    Put one in ``task.pretrain_x`` (and/or ``pretrain_y``) after ``task.to(...)``: ``len()`` gives m
-    and ``rows[a:b]`` returns a tensor of ``dtype`` on ``device``, which is all the scoring pass
-    reads. ``view(slice)`` is a lazy sub-range (for shards and blocks). Floating arrays take
-    ``dtype``; integer arrays (labels) become int64. ``release_pages(rows)`` drops the mapped pages
-    already read from this process's resident set (they stay in the page cache).
-    """
-
-    def __init__(self, array: np.ndarray, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", rows: slice | None = None):
-        self.array, self.dtype, self.device = array, dtype, torch.device(device)
-        start, stop, step = (rows or slice(0, len(array))).indices(len(array))
-        if step != 1:
-            raise ValueError("LazyRows views must be contiguous (step 1)")
-        self.start, self.stop = start, max(start, stop)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.array.shape[1:])
-
-    def view(self, rows: slice) -> "LazyRows":
-        start, stop, _ = rows.indices(len(self))
-        return LazyRows(self.array, self.dtype, self.device, slice(self.start + start, self.start + stop))
-
-    def __getitem__(self, key) -> Tensor:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            block = self.array[self.start + start: self.start + stop: step]
-        else:
-            idx = np.arange(len(self))[np.asarray(key)]
-            block = self.array[self.start + idx]
-        block = np.array(block)            # copy out of the map (the tensor owns its memory)
-        t = torch.from_numpy(block)
-        if t.is_floating_point():
-            return t.to(self.device, self.dtype)
-        return t.to(self.device, torch.int64)
-
-
 def _rows(data, sl: slice):
     return data.view(sl) if isinstance(data, LazyRows) else data[sl]
 
@@ -414,6 +374,7 @@ def distributed_hvp(objective_per_shard: Callable[[Tensor], Tensor] | None, x: T
 
     ``objective_per_shard``: this rank's share of the objective, already divided by the FULL
     denominator (e.g. (1/m) Σ_{i∈shard} w_i ℓ_i), without the L2 term; None for an empty shard.
+    A ``StreamedPretrainObjective`` (``rows`` = the shard) makes each product one chunked pass.
     ``l2``: coefficient of a (l2/2)‖x‖² term, added once after the all-reduce. Every rank must call
     the returned function in lockstep with identical V (each call is one all-reduce).
     """
@@ -429,17 +390,23 @@ def distributed_hvp(objective_per_shard: Callable[[Tensor], Tensor] | None, x: T
 
 
 def pretrain_shard_objective(task: TwoStageTask, rank: int | None = None, world: int | None = None,
-                             weights: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+                             weights: Tensor | None = None,
+                             chunk_size: int = 0) -> Callable[[Tensor], Tensor] | None:
     """p -> (1/m) Σ_{i∈shard} w_i ℓ_P(z_i; p) over this rank's shard (no L2); None if it is empty.
 
     ``weights``: the full [m] example weights (default 1); the denominator is the full m.
+    Streamed (a ``StreamedPretrainObjective`` over the shard, ``chunk_size`` examples at a time,
+    default ``DEFAULT_CHUNK``) when ``chunk_size`` > 0 or the task's inputs are ``LazyRows``;
+    otherwise the shard's tensors are held and its HVP graph is built once.
     """
     rank = get_rank() if rank is None else rank
     world = get_world_size() if world is None else world
     sl = shard_range(task.m, rank, world)
     if sl.stop == sl.start:
         return None
-    x, y = task.pretrain_x[sl], task.pretrain_y[sl]       # LazyRows slices become tensors here
+    if chunk_size > 0 or is_lazy(task):
+        return StreamedPretrainObjective(task, weights, chunk_size or DEFAULT_CHUNK, rows=sl)
+    x, y = task.pretrain_x[sl], task.pretrain_y[sl]
     w = None if weights is None else weights[sl]
     m = task.m
 
@@ -451,9 +418,13 @@ def pretrain_shard_objective(task: TwoStageTask, rank: int | None = None, world:
 
 
 def distributed_pretrain_hvp(task: TwoStageTask, p: Tensor, weights: Tensor | None = None,
-                             rhs_block: int = 64) -> BatchedHVP:
-    """Data-parallel ∇²L_P(p) V over (θ, W): shard parts all-reduced, λ_P V added once."""
-    return distributed_hvp(pretrain_shard_objective(task, weights=weights), p, task.pretrain_l2, rhs_block)
+                             rhs_block: int = 64, chunk_size: int = 0) -> BatchedHVP:
+    """Data-parallel ∇²L_P(p) V over (θ, W): shard parts all-reduced, λ_P V added once.
+
+    Each shard's part is streamed in chunks when ``chunk_size`` > 0 or the inputs are ``LazyRows``
+    (see ``pretrain_shard_objective``)."""
+    return distributed_hvp(pretrain_shard_objective(task, weights=weights, chunk_size=chunk_size), p,
+                           task.pretrain_l2, rhs_block)
 
 
 def distributed_pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig) -> InverseHVP:
@@ -521,31 +492,9 @@ def write_scores_memmap(path: str | Path, shape: tuple[int, int], mode: str = "w
     return arr
 
 
-def release_pages(array) -> None:
-    """Drop a memory map's pages from this process's resident set (MADV_DONTNEED).
-
-    Safe for shared file maps: written pages stay dirty in the page cache and reach the file (no
-    synchronous msync here; flush once at the end); later reads fault pages back in. Accepts
-    np.memmap (or views), LazyRows and _RowSplit; ignores anything else.
-    """
-    if isinstance(array, LazyRows):
-        release_pages(array.array)
-        return
-    if isinstance(array, _RowSplit):
-        for part in array.parts:
-            release_pages(part)
-        return
-    mm = getattr(array, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):
-        pass
-
-
 class _RowSplit:
-    """``score_pretraining``'s ``out`` spread over several [T_i, n] arrays (rows stacked)."""
+    """``score_pretraining``'s ``out`` spread over several [T_i, n] arrays (rows stacked);
+    ``release_pages`` releases each of its ``parts``."""
 
     def __init__(self, parts: Sequence[np.ndarray]):
         self.parts = list(parts)

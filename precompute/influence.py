@@ -9,7 +9,8 @@ For finetune test points t (loss f_t) and pretraining examples z (design.md §2)
 
 score > 0: removing z is predicted to RAISE the test loss (z helpful); score < 0: z harmful.
 The test-side matrix S = [s_1 … s_T] is [P, T]; scoring streams per-example gradients in chunks,
-so memory is O(chunk_size · P + P · T), never O(m · P).
+so memory is O(chunk_size · P + P · T), never O(m · P). When the pretraining inputs are memory-mapped
+(``precompute.streaming.LazyRows``) the H_P products of the solve are streamed in chunks as well.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import InfluenceConfig, SolverConfig
 from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
+from .streaming import StreamedPretrainObjective, batched_double_backward, pretraining_objective
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -35,23 +37,23 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
 
     The gradient graph at x is built once and kept; each product is one batched double-backward
     through it (about 6x faster than re-tracing forward-over-reverse for every call on small models).
+    A ``StreamedPretrainObjective`` instead makes each product one chunked pass over the data
+    (memory O(chunk), the graph of one chunk at a time).
     """
+    if isinstance(objective, StreamedPretrainObjective):
+        return objective.hvp(x, rhs_block)
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         gradient = torch.autograd.grad(objective(leaf), leaf, create_graph=True)[0]
-
-    def apply(v: Tensor) -> Tensor:
-        cols = [torch.autograd.grad(gradient, leaf, v[:, i: i + rhs_block].T, retain_graph=True,
-                                    is_grads_batched=True)[0].T
-                for i in range(0, v.shape[1], rhs_block)]
-        return torch.cat(cols, dim=1).detach()
-
-    return apply
+    return lambda v: batched_double_backward(gradient, leaf, v, rhs_block)
 
 
 def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig) -> InverseHVP:
-    """(H_P + λI)⁻¹ at p*, over all of (θ, W); reusable for every test point and scenario."""
-    return make_solver(batched_hvp(task.pretrain_objective, p), task.n_pretrain_params, config,
+    """(H_P + λI)⁻¹ at p*, over all of (θ, W); reusable for every test point and scenario.
+
+    On a task whose pretraining inputs are ``LazyRows`` every Hessian-vector product is a chunked
+    pass over them (``precompute.streaming``), so memory does not grow with m."""
+    return make_solver(batched_hvp(pretraining_objective(task), p), task.n_pretrain_params, config,
                        p.dtype, p.device)
 
 

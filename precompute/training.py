@@ -5,6 +5,11 @@ Pretraining minimises L_P over p = [θ; W]. Finetuning has two scenarios (design
     "updated": (θ_ft, U*) = argmin_q L_F(q) + (α/2)‖θ − θ*‖², warm-started at (θ*, U*_fixed).
 L-BFGS with a strong-Wolfe line search is deterministic for a fixed start, so re-running gives the
 same parameters; an optional dense-Newton polish reaches machine precision on small models.
+
+An objective is a callable p -> value (differentiated by autograd over one graph), or a
+``StreamedPretrainObjective`` (``precompute.streaming``) whose value, gradient and Hessian products
+are computed chunk by chunk; ``pretrain`` picks the latter for a memory-mapped (``LazyRows``)
+pretraining set or when ``TrainConfig.stream_chunk`` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
 Objective = Callable[[Tensor], Tensor]
@@ -69,12 +75,18 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=config.history_size,
                             tolerance_grad=1e-14, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
+    streamed = isinstance(objective, StreamedPretrainObjective)
+
     def closure() -> Tensor:
         opt.zero_grad()
-        value = objective(x)
+        if streamed:
+            value, x.grad = objective.value_and_grad(x)
+        else:
+            value = objective(x)
         if not torch.isfinite(value):
             raise TaskError(f"{desc or 'training'}: objective became non-finite; check the inputs and loss")
-        value.backward()
+        if not streamed:
+            value.backward()
         return value
 
     used = 0
@@ -101,7 +113,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
 
     value = float(objective(x))
     for _ in range(steps):
-        g = torch.func.grad(objective)(x)
+        g = _gradient(objective, x)
         hessian = ExactSolver(batched_hvp(objective, x, rhs_block=256), x.numel(), SolverConfig("exact"),
                               x.dtype, x.device).hessian()
         evals, evecs = torch.linalg.eigh(hessian)
@@ -126,17 +138,27 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     return x.detach(), False
 
 
+def _gradient(objective: Objective, x: Tensor) -> Tensor:
+    if isinstance(objective, StreamedPretrainObjective):
+        return objective.value_and_grad(x)[1]
+    return torch.func.grad(objective)(x.detach())
+
+
 def _grad_norm(objective: Objective, x: Tensor) -> float:
-    return float(torch.func.grad(objective)(x.detach()).norm())
+    return float(_gradient(objective, x).norm())
 
 
 # ---- the two stages -----------------------------------------------------------------------------
 
 def pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor | None = None,
              p0: Tensor | None = None, desc: str | None = "pretraining") -> TrainResult:
-    """p* = argmin L_P (example weights optional, denominator m fixed)."""
+    """p* = argmin L_P (example weights optional, denominator m fixed).
+
+    Chunk by chunk (memory O(chunk), not O(m)) when ``config.stream_chunk`` > 0 or the task's
+    pretraining inputs are ``LazyRows``; see ``precompute.streaming.pretraining_objective``.
+    """
     start = task.initial_pretrain_params() if p0 is None else p0
-    return minimize(lambda p: task.pretrain_objective(p, weights), start, config, desc)
+    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc)
 
 
 def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tensor | None = None,
