@@ -13,15 +13,28 @@ fly) and streams the scores into a ``write_scores_memmap`` .npy:
     unbounded   the same pass without releasing pages (every page touched stays resident)
     ranks2      two gloo ranks on this machine (``sharded_score_pretraining(out_path=...)``), each
                 scoring half into the same memory-mapped file
+    train       pretraining on the memory-mapped set, chunk by chunk
+                (``precompute.streaming.StreamedPretrainObjective``, ``--train-chunk`` examples per
+                chunk): one value+gradient pass, one Hessian-vector pass with ``--hvp-cols``
+                columns, then L-BFGS warm-started at the p trained on the originals
+                (``precompute.training.minimize``, ``--train-iters`` iterations; L-BFGS takes up
+                to 20 per step, so the count can exceed it), counting the passes over the data
+    train_in_memory  the baseline: the whole set loaded as tensors, one gradient and one HVP (same
+                columns) by autograd over a single graph (``task.pretrain_objective``), as training
+                does without streaming; memory grows with m
 
 Prints one JSON object: per mode, wall seconds of the scoring pass, seconds per 100,000 examples,
 CPU seconds of the pass (per rank for ranks2: on a busy machine the fairer measure of the work),
 peak RSS (VmHWM: anonymous + file-backed pages) and RSS before the pass (imports of torch, numpy,
 pandas, sklearn and the task take about 370 MiB), per rank for ranks2; plus the
 largest difference of the streamed scores from an in-memory ``score_pretraining`` on a sample.
+For train: seconds per pass per 100,000 examples (gradient, and HVP), the L-BFGS run (objective and
+gradient norm before and after, passes), peak RSS, and the largest relative difference of the
+streamed gradient and HVP from in-memory autograd on a sample of rows.
 
 Usage: python benchmarks/bench_large.py [--m 1000000] [--tests 32] [--chunk 1024] [--block 65536]
-                                        [--modes bounded,unbounded,ranks2] [--workdir DIR]
+                                        [--modes bounded,unbounded,ranks2,train] [--workdir DIR]
+                                        [--train-iters 5] [--train-chunk 4096] [--hvp-cols 8]
 """
 
 from __future__ import annotations
@@ -45,8 +58,9 @@ from bench_gpu import augmented_blocks, digits_task  # noqa: E402
 from precompute.config import InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
 from precompute.distributed import (LazyRows, run_on_ranks, score_in_blocks, sharded_score_pretraining,  # noqa: E402
                                     write_scores_memmap)
-from precompute.influence import score_pretraining, stacked_test_vectors  # noqa: E402
-from precompute.training import train_stages  # noqa: E402
+from precompute.influence import batched_hvp, score_pretraining, stacked_test_vectors  # noqa: E402
+from precompute.streaming import StreamedPretrainObjective  # noqa: E402
+from precompute.training import minimize, train_stages  # noqa: E402
 
 
 def memory_mb() -> dict:
@@ -116,6 +130,81 @@ def measure_one(workdir: Path, mode: str, chunk: int, block: int) -> dict:
             "s_per_100k": round(seconds / task.m * 1e5, 3), **_memory_fields(before)}
 
 
+def _per_100k(seconds: float, m: int) -> float:
+    return round(seconds / m * 1e5, 3)
+
+
+def measure_train(workdir: Path, chunk: int, iters: int, hvp_cols: int) -> dict:
+    """One process: a gradient pass, an HVP pass and ``iters`` L-BFGS iterations, all streamed."""
+    task, p, _ = lazy_task(workdir)
+    objective = StreamedPretrainObjective(task, chunk_size=chunk)
+    v = torch.randn(task.n_pretrain_params, hvp_cols, generator=torch.Generator().manual_seed(0))
+    warm_up = StreamedPretrainObjective(task, chunk_size=chunk, rows=slice(0, chunk))   # first-call costs
+    warm_up.value_and_grad(p), warm_up.hvp(p)(v)
+    before = memory_mb()
+    start = time.perf_counter()
+    value, gradient = objective.value_and_grad(p)
+    grad_s = time.perf_counter() - start
+    start = time.perf_counter()
+    objective.hvp(p)(v)
+    hvp_s = time.perf_counter() - start
+    passes, start = objective.passes, time.perf_counter()
+    config = TrainConfig(max_iter=iters, lbfgs_tol=0.0, grad_tol=0.0, newton_polish=0, stream_chunk=chunk)
+    result = minimize(objective, p, config)
+    train_s = time.perf_counter() - start
+    passes = objective.passes - passes
+    m = task.m
+    return {"mode": "train", "m": m, "train_chunk": chunk, "grad_pass_s": round(grad_s, 2),
+            "grad_s_per_100k": _per_100k(grad_s, m), "hvp_cols": hvp_cols, "hvp_pass_s": round(hvp_s, 2),
+            "hvp_s_per_100k": _per_100k(hvp_s, m),
+            "lbfgs": {"iterations": result.iterations, "passes": passes, "seconds": round(train_s, 2),
+                      "s_per_pass_per_100k": _per_100k(train_s / passes, m),
+                      "objective_before": float(value), "objective_after": result.objective,
+                      "grad_norm_before": float(gradient.norm()), "grad_norm_after": result.grad_norm},
+            **_memory_fields(before)}
+
+
+def measure_train_in_memory(workdir: Path, hvp_cols: int) -> dict:
+    """One process: the unstreamed gradient and HVP over the whole set, held in memory."""
+    task = digits_task("cpu", torch.float32)
+    state = torch.load(workdir / "state.pt", weights_only=True)
+    p = state["p"]
+    v = torch.randn(task.n_pretrain_params, hvp_cols, generator=torch.Generator().manual_seed(0))
+    torch.func.grad(task.pretrain_objective)(p), batched_hvp(task.pretrain_objective, p)(v)    # first-call costs
+    before = memory_mb()
+    task.pretrain_x = torch.from_numpy(np.load(workdir / "x.npy"))
+    task.pretrain_y = torch.from_numpy(np.load(workdir / "y.npy"))
+    start = time.perf_counter()
+    torch.func.grad(task.pretrain_objective)(p)
+    grad_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched_hvp(task.pretrain_objective, p)(v)
+    hvp_s = time.perf_counter() - start
+    m = task.m
+    return {"mode": "train_in_memory", "m": m, "grad_pass_s": round(grad_s, 2), "grad_s_per_100k": _per_100k(grad_s, m),
+            "hvp_cols": hvp_cols, "hvp_pass_s": round(hvp_s, 2), "hvp_s_per_100k": _per_100k(hvp_s, m),
+            **_memory_fields(before)}
+
+
+def train_check(task, p: torch.Tensor, rows: slice, hvp_cols: int) -> dict:
+    """Largest relative difference of the streamed gradient and HVP of the data term over ``rows``
+    from autograd over the same rows held in memory (float32)."""
+    small = digits_task("cpu", torch.float32)
+    small.pretrain_x, small.pretrain_y = task.pretrain_x[rows], task.pretrain_y[rows]
+    share = (rows.stop - rows.start) / task.m           # the streamed part divides by the full m
+
+    def in_memory(pp: torch.Tensor) -> torch.Tensor:
+        return share * (small.pretrain_objective(pp) - 0.5 * small.pretrain_l2 * (pp * pp).sum())
+
+    streamed = StreamedPretrainObjective(task, chunk_size=1000, rows=rows)
+    v = torch.randn(task.n_pretrain_params, hvp_cols, generator=torch.Generator().manual_seed(1))
+    g_ref, hv_ref = torch.func.grad(in_memory)(p), batched_hvp(in_memory, p)(v)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+    return {"grad": rel(streamed.value_and_grad(p)[1], g_ref), "hvp": rel(streamed.hvp(p)(v), hv_ref)}
+
+
 def _rank_pass(rank: int, world: int, workdir: str, chunk: int, block: int) -> dict:
     import torch.distributed as dist
     task, p, s = lazy_task(Path(workdir))
@@ -136,6 +225,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=65536)
     parser.add_argument("--modes", default="bounded,unbounded,ranks2")
     parser.add_argument("--workdir", help="where the .npy files go (default: a temporary directory, removed)")
+    parser.add_argument("--train-iters", type=int, default=5, help="train: L-BFGS iterations (budget)")
+    parser.add_argument("--train-chunk", type=int, default=4096, help="train: examples per chunk")
+    parser.add_argument("--hvp-cols", type=int, default=8, help="train: columns of the timed HVP")
     parser.add_argument("--measure", help=argparse.SUPPRESS)      # internal: child process
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -147,6 +239,10 @@ def main() -> None:
             m = len(np.load(workdir / "x.npy", mmap_mode="r"))
             result = {"mode": "ranks2", "m": m, "scoring_s": seconds, "s_per_100k": round(seconds / m * 1e5, 3),
                       "cpu_s_per_rank": max(r["cpu_s"] for r in ranks), "ranks": ranks}
+        elif args.measure == "train_in_memory":
+            result = measure_train_in_memory(workdir, args.hvp_cols)
+        elif args.measure == "train":
+            result = measure_train(workdir, args.train_chunk, args.train_iters, args.hvp_cols)
         else:
             result = measure_one(workdir, args.measure, args.chunk, args.block)
         print(json.dumps(result))
@@ -159,7 +255,9 @@ def main() -> None:
         results = []
         for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--measure", mode, "--workdir", str(workdir),
-                                   "--chunk", str(args.chunk), "--block", str(args.block)],
+                                   "--chunk", str(args.chunk), "--block", str(args.block),
+                                   "--train-iters", str(args.train_iters), "--train-chunk", str(args.train_chunk),
+                                   "--hvp-cols", str(args.hvp_cols)],
                                   capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -169,6 +267,13 @@ def main() -> None:
         task, p, s = lazy_task(workdir)
         check = {}
         for mode in args.modes.split(","):
+            if mode == "train_in_memory":
+                continue
+            if mode == "train":      # the first and last 20,000 rows
+                diffs = [train_check(task, p, sl, args.hvp_cols)
+                         for sl in (slice(0, 20000), slice(task.m - 20000, task.m))]
+                check[mode] = {k: max(d[k] for d in diffs) for k in ("grad", "hvp")}
+                continue
             scores = np.load(workdir / f"scores-{mode}.npy", mmap_mode="r")
             diffs = []
             for sl in (slice(0, 2000), slice(task.m - 2000, task.m)):
