@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .presets import PRESET_MODELS
-from .config import (SCENARIOS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
+from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
                      SolverConfig, TrainConfig, ValidationConfig)
 
 # (run name, preset, flag overrides): the noisy run (for the Data cleaning page) is quick-sized and
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "wrong predictions (default 32, quick 6)")
     g.add_argument("--test-ids", type=_csv(int), default=(), help="explicit finetune test ids, e.g. 0,5,9")
     g.add_argument("--chunk-size", type=int, default=256, help="pretraining examples per scoring chunk")
+    g.add_argument("--score-precision", choices=SCORE_PRECISIONS, default="full",
+                   help="full (the model's dtype), or bfloat16/float16 autocast for the per-example "
+                        "gradients of the scoring pass (needs --dtype float32; a GPU speed-up); the run "
+                        "reports the Pearson correlation with full precision on a sample")
 
     g = p.add_argument_group("scale (see README: torchrun -m precompute ... shards the scoring pass)")
     g.add_argument("--scores-to-disk", action="store_true",
@@ -157,7 +161,8 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
         train=TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
         influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
                                   finetune_solver=solver, chunk_size=args.chunk_size,
-                                  distributed_solve=args.distributed_solve),
+                                  distributed_solve=args.distributed_solve,
+                                  score_precision=args.score_precision),
         validation=validation, cleaning=replace(QUICK_CLEANING if args.quick else CleaningConfig(), seed=args.seed),
         clean=args.clean, device=args.device, dtype=args.dtype,
         n_test_points=args.n_test or (6 if args.quick else 32), test_ids=tuple(args.test_ids),

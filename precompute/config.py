@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
+SCORE_PRECISIONS = ("full", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ class InfluenceConfig:
                 Hessian-vector product (each rank's shard, all-reduced) instead of on rank 0 alone;
                 for pretraining sets too large for one device's Hessian products. Single process:
                 no effect.
+    score_precision: "full" (the model's dtype), "bfloat16" or "float16": the per-example gradients
+                of the scoring pass run under torch.autocast (float32 models; mostly a GPU speed-up).
+                The run then re-scores a sample at full precision and reports the Pearson
+                correlation in its diagnostics.
     """
 
     scenarios: tuple[str, ...] = SCENARIOS
@@ -106,6 +111,7 @@ class InfluenceConfig:
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
     chunk_size: int = 256
     distributed_solve: bool = False
+    score_precision: str = "full"
 
     def __post_init__(self) -> None:
         for s in self.scenarios:
@@ -115,6 +121,9 @@ class InfluenceConfig:
             raise ValueError(f"alpha must be > 0 (without the proximal term the influence is 0), got {self.alpha}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"unknown score precision {self.score_precision!r}; choose from "
+                             f"{', '.join(SCORE_PRECISIONS)}")
 
 
 def config_dict(config) -> dict:
@@ -259,3 +268,8 @@ class RunConfig:
     quick: bool = False
     overwrite: bool = False
     scores_to_disk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.influence.score_precision != "full" and self.dtype != "float32":
+            raise ValueError(f"score precision {self.influence.score_precision} needs a float32 model "
+                             f"(autocast leaves {self.dtype} untouched); add --dtype float32")

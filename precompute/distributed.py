@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .config import InfluenceConfig, SolverConfig
 from .influence import (batched_hvp, embedding_sensitivity_fixed, embedding_sensitivity_updated,
-                        score_pretraining, stacked_test_vectors)
+                        precision_check, score_pretraining, stacked_test_vectors)
 from .runstore import RunWriter
 from .solvers import BatchedHVP, InverseHVP, make_solver
 from .streaming import DEFAULT_CHUNK, LazyRows, StreamedPretrainObjective, is_lazy, release_pages
@@ -521,7 +521,8 @@ _EXAMPLE_RE = re.compile(r"pretraining example (\d+)")
 
 
 def score_in_blocks(task: TwoStageTask, p: Tensor, vectors: Tensor, rows: slice, out, chunk_size: int = 256,
-                    block_size: int | None = None, progress: bool = False, m: int | None = None) -> None:
+                    block_size: int | None = None, progress: bool = False, m: int | None = None,
+                    precision: str = "full") -> None:
     """Scores pretraining examples ``rows`` (global ids) into ``out[:, 0:len(rows)]`` with the full
     denominator m (default ``task.m``), ``block_size`` examples at a time (default: all at once),
     releasing memory-mapped input and output pages after each block. Errors name global ids."""
@@ -535,7 +536,7 @@ def score_in_blocks(task: TwoStageTask, p: Tensor, vectors: Tensor, rows: slice,
         view = shard_task(task, b)
         try:
             score_pretraining(view, p, vectors * (size / m), chunk_size, out=_columns(out, slice(b0, b0 + size)),
-                              progress=progress)
+                              progress=progress, precision=precision)
         except TaskError as err:
             text = _EXAMPLE_RE.sub(lambda g: f"pretraining example {int(g.group(1)) + b.start}", str(err))
             raise TaskError(text) from err
@@ -554,7 +555,8 @@ def _out_paths(out_path) -> list[Path] | None:
 
 
 def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Tensor | None, chunk_size: int = 256,
-                              out_path=None, progress: bool = False, block_size: int | None = None):
+                              out_path=None, progress: bool = False, block_size: int | None = None,
+                              precision: str = "full"):
     """Data-parallel ``score_pretraining``: scores[t, i] = ∇ℓ_P(z_i) · vectors[:, t] / m (full m).
 
     Collective: every rank calls it. ``p`` and ``vectors`` [P, T] are taken from rank 0 and broadcast
@@ -594,7 +596,7 @@ def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Ten
         try:
             maps = [write_scores_memmap(path, (rows_each, m), mode="r+") for path in paths]
             out = _RowSplit([mm[:, mine] for mm in maps])
-            score_in_blocks(task, p, vectors, mine, out, chunk_size, block_size or 65536, show, m)
+            score_in_blocks(task, p, vectors, mine, out, chunk_size, block_size or 65536, show, m, precision)
             for mm in maps:
                 mm.flush()
             del maps, out
@@ -609,7 +611,7 @@ def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Ten
     local, error = None, None
     try:
         local = np.empty((t, mine.stop - mine.start), dtype=np.float32)
-        score_in_blocks(task, p, vectors, mine, local, chunk_size, block_size, show, m)
+        score_in_blocks(task, p, vectors, mine, local, chunk_size, block_size, show, m, precision)
     except Exception as err:            # noqa: BLE001
         error = err
     agree(error, "scoring")
@@ -649,13 +651,16 @@ def sharded_multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_
     out_dir = broadcast_object(None if out_dir is None else Path(out_dir))
     paths = None if out_dir is None else [out_dir / "scores" / f"{s}.npy" for s in config.scenarios]
     scores = sharded_score_pretraining(task, trained.p, stacked, config.chunk_size, out_path=paths,
-                                       progress=progress)
+                                       progress=progress, precision=config.score_precision)
     if scores is None:
         return None, diagnostics
-    if paths is not None:
-        return dict(zip(config.scenarios, scores)), diagnostics
     t = len(ids)
-    return {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)}, diagnostics
+    split = (dict(zip(config.scenarios, scores)) if paths is not None
+             else {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)})
+    if config.score_precision != "full":          # rank 0 only: it holds the scores
+        for s, check in precision_check(task, trained.p, vectors, split, config.chunk_size).items():
+            diagnostics[s]["score_precision"] = check
+    return split, diagnostics
 
 
 # ---- the run directory ---------------------------------------------------------------------------------

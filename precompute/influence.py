@@ -15,6 +15,7 @@ so memory is O(chunk_size · P + P · T), never O(m · P). When the pretraining 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,15 +146,24 @@ def directional_derivatives(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor,
 
 
 JVP_MAX_COLUMNS = 48   # above this many test-side vectors, per-example gradients + one GEMM are faster
+AUTOCAST_DTYPES = {"full": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_SAMPLE = 2048  # pretraining examples re-scored at full precision by ``precision_check``
 
 
 def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size: int = 256,
-                      out: np.ndarray | None = None, progress: bool = True) -> np.ndarray:
+                      out: np.ndarray | None = None, progress: bool = True,
+                      precision: str = "full") -> np.ndarray:
     """scores[t, i] = ∇ℓ_P(z_i) · vectors[:, t] / m for every pretraining example, streamed in chunks.
 
     vectors: [P, T] test-side vectors. Returns (or fills ``out``) a float32 array [T, m]. Memory per
     chunk: chunk_size × P (gradients) or chunk_size × T × activations (forward mode).
+    precision: "full" (the task's dtype) or "bfloat16"/"float16": the per-example part runs under
+    ``torch.autocast`` (float32 tasks only; see ``precision_check`` for what it costs in accuracy).
     """
+    autocast = AUTOCAST_DTYPES[precision]
+    if autocast is not None and task.dtype != torch.float32:
+        raise TaskError(f"score precision {precision} needs a float32 model (autocast leaves "
+                        f"{str(task.dtype).removeprefix('torch.')} untouched); use --dtype float32")
     m, t = task.m, vectors.shape[1]
     if vectors.shape[0] != task.n_pretrain_params:
         raise TaskError(f"test-side vectors have {vectors.shape[0]} rows, the pretraining model has "
@@ -164,10 +174,12 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
         for start in range(0, m, chunk_size):
             sl = slice(start, min(start + chunk_size, m))
             x, y = task.pretrain_x[sl], task.pretrain_y[sl]
-            if t <= JVP_MAX_COLUMNS:
-                chunk = directional_derivatives(task, p, x, y, vectors) / m        # [B, T]
-            else:
-                chunk = (per_example_gradients(task, p, x, y) @ vectors) / m
+            with torch.autocast(task.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                if t <= JVP_MAX_COLUMNS:
+                    chunk = directional_derivatives(task, p, x, y, vectors) / m        # [B, T]
+                else:
+                    chunk = (per_example_gradients(task, p, x, y) @ vectors) / m
+            chunk = chunk.to(task.dtype)
             if not torch.isfinite(chunk).all():
                 bad = sl.start + int((~torch.isfinite(chunk)).any(1).nonzero()[0])
                 raise TaskError(f"non-finite gradient for pretraining example {bad}; check its input and label")
@@ -185,11 +197,39 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
     """
     vectors, diagnostics = stacked_test_vectors(task, trained, test_ids, config)
     stacked = torch.cat([vectors[s] for s in config.scenarios], dim=1)
-    scores = score_pretraining(task, trained.p, stacked, config.chunk_size, progress=progress)
+    scores = score_pretraining(task, trained.p, stacked, config.chunk_size, progress=progress,
+                               precision=config.score_precision)
     t = len(task.check_test_ids(test_ids))
-    return {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)}, diagnostics
+    split = {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)}
+    if config.score_precision != "full":
+        for s, check in precision_check(task, trained.p, vectors, split, config.chunk_size).items():
+            diagnostics[s]["score_precision"] = check
+    return split, diagnostics
+
+
+def precision_check(task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor], scores: dict[str, np.ndarray],
+                    chunk_size: int = 256, n_sample: int = PRECISION_SAMPLE) -> dict[str, dict]:
+    """How far reduced-precision scores are from full precision, per scenario.
+
+    Re-scores ``n_sample`` evenly spaced pretraining examples at the task's precision and returns
+    {scenario: {"pearson_vs_full": r over all sampled scores, "max_rel_error": max |Δ| / max |full|,
+    "n_sample": n}}. ``scores``: the reduced-precision [T, m] matrices (arrays or memory maps).
+    """
+    ids = np.unique(np.linspace(0, task.m - 1, min(n_sample, task.m)).round().astype(np.int64))
+    sample = copy.copy(task)
+    sample.pretrain_x, sample.pretrain_y = task.pretrain_x[ids], task.pretrain_y[ids]
+    out = {}
+    for s, vecs in vectors.items():
+        # the sample's own denominator is len(ids): rescale so scores keep the full-set 1/m
+        full = score_pretraining(sample, p, vecs * (len(ids) / task.m), chunk_size, progress=False)
+        reduced = np.asarray(scores[s][:, ids], dtype=np.float64)
+        full = full.astype(np.float64)
+        out[s] = {"pearson_vs_full": float(np.corrcoef(full.ravel(), reduced.ravel())[0, 1]),
+                  "max_rel_error": float(np.abs(reduced - full).max() / max(np.abs(full).max(), 1e-30)),
+                  "n_sample": int(len(ids))}
+    return out
 
 
 __all__ = ["SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "batched_hvp", "embedding_sensitivity_fixed",
            "embedding_sensitivity_updated", "directional_derivatives", "multi_stage_scores", "per_example_gradients",
-           "pretrain_solver", "score_pretraining", "gradients_at_test_points", "stacked_test_vectors"]
+           "precision_check", "pretrain_solver", "score_pretraining", "gradients_at_test_points", "stacked_test_vectors"]

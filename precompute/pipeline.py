@@ -126,6 +126,10 @@ class RunSummary:
             fit = (f"; vs retraining: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}, "
                    f"slope {v['slope']:.2f} over {v['n_pairs']} removals") if v else ""
             out.append(f"  {s:8} finetune test accuracy {acc:.3f}{fit}")
+            check = m["diagnostics"][s].get("score_precision")
+            if check:
+                out.append(f"  {s:8} {m['config']['influence']['score_precision']} scores vs full precision: "
+                           f"Pearson {check['pearson_vs_full']:.5f} on {check['n_sample']} examples")
         out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
                    + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
         return out

@@ -9,7 +9,8 @@ from torch import nn
 
 from precompute.config import InfluenceConfig, SolverConfig, TrainConfig
 from precompute.fd_check import TIGHT, TOLERANCE, build_check_task, run_check
-from precompute.influence import multi_stage_scores, per_example_gradients, score_pretraining, stacked_test_vectors
+from precompute.influence import (multi_stage_scores, per_example_gradients, precision_check, score_pretraining,
+                                  stacked_test_vectors)
 from precompute.solvers import SolverError, make_solver
 from precompute.task import TaskError, TwoStageTask
 from precompute.training import train_stages
@@ -164,6 +165,35 @@ def test_float32_scores_track_float64(tiny):
     low, _ = scores_with(task32, trained32, EXACT)
     for s in ref:
         assert np.corrcoef(ref[s].ravel(), low[s].ravel())[0, 1] > 0.9999
+
+
+def test_bfloat16_scoring_is_reported_against_full_precision(tiny):
+    """--score-precision bfloat16: autocast really lowers the precision, the scores still track
+    float64, and precision_check's sampled figures agree with the full comparison."""
+    task64, trained64 = tiny
+    ref, _ = scores_with(task64, trained64, EXACT)
+    task32 = build_check_task(seed=1).to("cpu", torch.float32)
+    from precompute.training import TrainedStages, TrainResult
+    cast = lambda r: TrainResult(r.params.float(), r.objective, r.grad_norm, r.iterations, r.converged)
+    trained32 = TrainedStages(cast(trained64.pretrain), {s: cast(r) for s, r in trained64.finetune.items()}, 1.0)
+    config = InfluenceConfig(alpha=1.0, pretrain_solver=EXACT, finetune_solver=EXACT, score_precision="bfloat16")
+    low, diagnostics = multi_stage_scores(task32, trained32, [0, 1, 2, 3], config, progress=False)
+    for s in ref:
+        r = np.corrcoef(ref[s].ravel(), low[s].ravel())[0, 1]
+        assert 0.99 < r < 0.999999, r                       # close, but not float32-exact
+        check = diagnostics[s]["score_precision"]
+        assert check["n_sample"] == task32.m                # m = 60 < the sample size: every example
+        assert abs(check["pearson_vs_full"] - r) < 1e-3
+        assert 1e-5 < check["max_rel_error"] < 0.1
+    # a 7-example sample of full-precision scores re-scored at full precision: identical, which
+    # checks the sample's 1/m rescaling
+    vectors, _ = stacked_test_vectors(task64, trained64, [0, 1, 2, 3], InfluenceConfig(
+        alpha=1.0, pretrain_solver=EXACT, finetune_solver=EXACT))
+    for s, check in precision_check(task64, trained64.p, vectors, ref, n_sample=7).items():
+        assert check["n_sample"] == 7 and check["max_rel_error"] < 1e-6 and check["pearson_vs_full"] > 1 - 1e-9
+    with pytest.raises(TaskError, match="float32"):
+        score_pretraining(task64, trained64.p, torch.zeros(task64.n_pretrain_params, 1, dtype=torch.float64),
+                          progress=False, precision="bfloat16")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
