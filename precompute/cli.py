@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-l2", type=float, help="λ_F on the finetuning head (default 1e-2)")
     g.add_argument("--vocabulary", type=int, help="text: tf-idf vocabulary size (default 400)")
 
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="L-BFGS iterations at most per stage (default 3000); lower it for very large "
+                        "pretraining sets, where each iteration is a pass over the data")
+    g.add_argument("--newton-steps", type=int, default=None,
+                   help="Newton polish steps after L-BFGS (default 10; each costs about P/256 passes "
+                        "over the pretraining set; 0 turns it off)")
+
     g = p.add_argument_group("validation by retraining")
     g.add_argument("--no-validate", action="store_true", help="skip retraining validation and baselines")
     g.add_argument("--val-points", type=int, default=None, help="validation test points (default 8, quick 3)")
@@ -158,7 +166,9 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
                       **{k: v for k, v in (("hidden", args.hidden), ("pretrain_l2", args.pretrain_l2),
                                            ("finetune_l2", args.finetune_l2), ("vocabulary", args.vocabulary))
                          if v is not None}),
-        train=TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
+        train=replace(TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
+                      **{k: v for k, v in (("max_iter", args.train_iters), ("newton_polish", args.newton_steps))
+                         if v is not None}),
         influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
                                   finetune_solver=solver, chunk_size=args.chunk_size,
                                   distributed_solve=args.distributed_solve,

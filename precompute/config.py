@@ -82,6 +82,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stream_chunk < 0:
             raise ValueError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
+        if self.max_iter < 0:
+            raise ValueError(f"training iterations (--train-iters) must be >= 0, got {self.max_iter}")
+        if self.newton_polish < 0:
+            raise ValueError(f"Newton steps (--newton-steps) must be >= 0, got {self.newton_polish}")
 
 
 @dataclass(frozen=True)

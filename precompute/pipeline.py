@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,10 @@ from .config import RunConfig
 from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
                           rank_zero_compute, rank_zero_writer, sharded_multi_stage_scores)
 from .influence import multi_stage_scores
+from .data import DataError
 from .presets import TaskData, build_task, load_task_data
 from .runstore import RunWriter
+from .streaming import is_lazy, release_pages
 from .task import TwoStageTask
 from .training import TrainedStages, train_stages
 
@@ -84,14 +86,26 @@ def stage_weights(task: TwoStageTask, embedding: torch.Tensor, head: torch.Tenso
     return {k: v.detach().cpu().contiguous().numpy() for k, v in named.items()}
 
 
-def pretrain_table(data: TaskData, task: TwoStageTask, p: torch.Tensor) -> pd.DataFrame:
+def pretrain_predictions(task: TwoStageTask, p: torch.Tensor, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(loss [m], predicted class [m]) of the pretrained model on its pretraining set, in chunks
+    (the set may be streamed from disk)."""
+    loss, pred = np.empty(task.m, dtype=np.float64), np.empty(task.m, dtype=np.int64)
     with torch.no_grad():
-        out = task.pretrain_outputs(p, task.pretrain_x)
-        loss = task.pretrain_loss(out, task.pretrain_y)
+        for start in range(0, task.m, chunk_size):
+            sl = slice(start, min(start + chunk_size, task.m))
+            out = task.pretrain_outputs(p, task.pretrain_x[sl])
+            loss[sl] = task.pretrain_loss(out, task.pretrain_y[sl]).cpu().numpy()
+            pred[sl] = out.argmax(1).cpu().numpy()
+    release_pages(task.pretrain_x)
+    return loss, pred
+
+
+def pretrain_table(data: TaskData, task: TwoStageTask, p: torch.Tensor) -> pd.DataFrame:
+    loss, pred = pretrain_predictions(task, p)
     ex = data.pretrain
     table = pd.DataFrame({"id": np.arange(len(ex)), "label": ex.labels,
-                          "label_name": [ex.class_names[i] for i in ex.labels], "source": list(ex.sources),
-                          "pretrain_loss": loss.cpu().numpy(), "predicted_label": out.argmax(1).cpu().numpy()})
+                          "label_name": np.asarray(ex.class_names)[ex.labels], "source": list(ex.sources),
+                          "pretrain_loss": loss, "predicted_label": pred})
     if ex.texts is not None:
         table["text"] = list(ex.texts)
     if data.flipped is not None:
@@ -156,6 +170,9 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             data = load_task_data(config.data, config.model, quick=config.quick)
             task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
             explicit_ids = task.check_test_ids(config.test_ids).tolist() if config.test_ids else None
+            if is_lazy(task):
+                check_streamable(config, data)
+                config = replace(config, scores_to_disk=True)       # [T, m] scores may not fit in memory
         with timer.step("train"):
             trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
                                         config.influence.scenarios, progress=progress, device=device,
@@ -183,6 +200,15 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                                      config, timer, progress, device, world)
         path = commit_after_barrier(writer, manifest)
     return RunSummary(path, manifest or {})
+
+
+def check_streamable(config: RunConfig, data: TaskData) -> None:
+    """A pretraining set streamed from disk supports training, influence and scoring; validation by
+    retraining and the mislabel checks hold many models over the whole set in memory."""
+    if config.validate or config.clean or data.flipped is not None:
+        raise DataError(f"{config.data.pretrain_data}: this pretraining set is read from disk in chunks "
+                        "(.npy); validation by retraining and the mislabel checks need it in memory, so add "
+                        "--no-validate and drop --clean/--label-noise (or validate on a subsample)")
 
 
 def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,

@@ -21,8 +21,9 @@ from torch import nn
 
 from .config import DataConfig, ModelConfig
 from .data import (DataError, LabelledExamples, TextVectorizer, flip_labels, image_features,
-                   load_bbc_news, load_digits_examples, load_image_folder, load_mnist_idx,
+                   load_bbc_news, load_digits_examples, load_image_folder, load_mnist_idx, load_npy_images,
                    load_text_table, select_classes, split_train_test, subsample_per_class)
+from .streaming import LazyRows
 from .task import TwoStageTask
 
 PRESETS = ("digits", "news", "custom")
@@ -38,13 +39,14 @@ QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "custom": (60, 40)}   # per 
 
 @dataclass
 class TaskData:
-    """Both tasks' examples and their model inputs (float32 arrays, row i = example i)."""
+    """Both tasks' examples and their model inputs (float32 arrays, row i = example i; the
+    pretraining inputs are ``LazyRows`` when its images are a memory map, see ``load_npy_images``)."""
 
     preset: str
     pretrain: LabelledExamples            # labels as trained on (noisy when label_noise > 0)
     finetune_train: LabelledExamples
     finetune_test: LabelledExamples
-    pretrain_inputs: np.ndarray
+    pretrain_inputs: np.ndarray | LazyRows
     finetune_train_inputs: np.ndarray
     finetune_test_inputs: np.ndarray
     original_pretrain_labels: np.ndarray | None = None    # set when labels were flipped
@@ -57,9 +59,12 @@ class TaskData:
 
 
 def load_source(spec: str, config: DataConfig) -> LabelledExamples:
-    """A user data source: folder -> images, "IMAGES,LABELS" -> MNIST IDX, .csv/.jsonl/.json/.tsv -> text."""
+    """A user data source: folder -> images, "IMAGES,LABELS" -> MNIST IDX (or two .npy arrays, kept on
+    disk), .csv/.jsonl/.json/.tsv -> text."""
     if "," in spec:
         images, labels = (s.strip() for s in spec.split(",", 1))
+        if images.lower().endswith(".npy"):
+            return load_npy_images(images, labels)
         return load_mnist_idx(images, labels)
     path = Path(spec)
     if path.is_dir():
@@ -128,7 +133,9 @@ def load_task_data(config: DataConfig, model: ModelConfig, quick: bool = False) 
 
     vectorizer = None
     if pre.modality == "image":
-        inputs = [image_features(e.images) for e in (pre, fine_train, fine_test)]
+        on_disk = isinstance(pre.images, np.memmap)           # stays there: featurised a chunk at a time
+        inputs = [LazyRows(pre.images, transform=image_features) if on_disk else image_features(pre.images),
+                  image_features(fine_train.images), image_features(fine_test.images)]
     else:
         vectorizer = TextVectorizer().fit(list(pre.texts) + list(fine_train.texts),
                                           max_features=model.vocabulary, min_df=2)
@@ -144,8 +151,9 @@ def build_task(data: TaskData, model: ModelConfig, seed: int = 0) -> TwoStageTas
     pre_head = nn.Linear(model.hidden, len(data.pretrain.class_names))
     fine_head = nn.Linear(model.hidden, len(data.finetune_train.class_names))
 
-    def tensors(x: np.ndarray, ex: LabelledExamples) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(ex.labels.astype(np.int64))
+    def tensors(x: np.ndarray | LazyRows, ex: LabelledExamples) -> tuple[torch.Tensor | LazyRows, torch.Tensor]:
+        inputs = x if isinstance(x, LazyRows) else torch.from_numpy(np.ascontiguousarray(x))
+        return inputs, torch.from_numpy(ex.labels.astype(np.int64))
 
     return TwoStageTask(embedding, pre_head, fine_head,
                         *tensors(data.pretrain_inputs, data.pretrain),

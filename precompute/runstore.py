@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -302,6 +303,22 @@ def _validate(run_dir: Path, manifest: dict, label: str) -> None:
             fail("cleaning/signals.parquet lacks column id")
 
 
+def release_mapped_pages(array) -> None:
+    """Drop a memory map's pages from this process's resident set (MADV_DONTNEED); no-op for
+    anything that is not backed by a map.
+
+    Safe for shared file maps: written pages stay dirty in the page cache and reach the file (flush
+    once at the end); later reads fault pages back in.
+    """
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
+
+
 # --------------------------------------------------------------------------------------------------
 # writer
 
@@ -356,8 +373,23 @@ class RunWriter:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def save_array(self, relpath: str, array: np.ndarray) -> None:
-        """Save a numeric array as .npy (no pickle; object arrays are refused)."""
+    def save_array(self, relpath: str, array: np.ndarray, block_rows: int = 65536) -> None:
+        """Save a numeric array as .npy (no pickle; object arrays are refused).
+
+        A memory-mapped array (larger than memory) is copied ``block_rows`` rows at a time, and the
+        pages read and written are dropped from the resident set after each block.
+        """
+        if isinstance(array, np.memmap):
+            if array.dtype.hasobject:
+                raise RunStoreError(f"{relpath}: object arrays cannot be stored (they would need pickle)")
+            out = np.lib.format.open_memmap(self._target(relpath), mode="w+", dtype=array.dtype, shape=array.shape)
+            for start in range(0, len(array), block_rows):
+                out[start: start + block_rows] = array[start: start + block_rows]
+                release_mapped_pages(out)
+                release_mapped_pages(array)
+            out.flush()
+            del out
+            return
         arr = np.asarray(array)
         if arr.dtype.hasobject:
             raise RunStoreError(f"{relpath}: object arrays cannot be stored (they would need pickle)")

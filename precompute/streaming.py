@@ -31,13 +31,13 @@ about 430 MiB is the imports and the task.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .runstore import release_mapped_pages
 from .task import TwoStageTask
 
 DEFAULT_CHUNK = 4096
@@ -47,32 +47,47 @@ DEFAULT_CHUNK = 4096
 class LazyRows:
     """Rows of a (memory-mapped) numpy array that become tensors only a slice at a time.
 
-    Put one in ``task.pretrain_x`` (and/or ``pretrain_y``) after ``task.to(...)``: ``len()`` gives m
-    and ``rows[a:b]`` returns a tensor of ``dtype`` on ``device``, which is all the scoring pass and
+    Put one in ``task.pretrain_x`` (and/or ``pretrain_y``): ``len()`` gives m and ``rows[a:b]``
+    returns a tensor of ``dtype`` on ``device``, which is all the scoring pass and
     ``StreamedPretrainObjective`` read. ``view(slice)`` is a lazy sub-range (for shards and blocks).
-    Floating arrays take ``dtype``; integer arrays (labels) become int64. ``release_pages(rows)``
-    drops the mapped pages already read from this process's resident set (they stay in the page
-    cache).
+    ``transform`` maps each block read (numpy, rows first) to the model's inputs, e.g. uint8 images
+    to float pixels (``precompute.data.image_features``). Floating results take ``dtype``; integer
+    arrays (labels) become int64. ``to(device, dtype)`` mirrors ``Tensor.to`` for
+    ``TwoStageTask.to``. ``release_pages(rows)`` drops the mapped pages already read from this
+    process's resident set (they stay in the page cache).
     """
 
     def __init__(self, array: np.ndarray, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", rows: slice | None = None):
+                 device: str | torch.device = "cpu", rows: slice | None = None,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None):
         self.array, self.dtype, self.device = array, dtype, torch.device(device)
+        self.transform = transform
         start, stop, step = (rows or slice(0, len(array))).indices(len(array))
         if step != 1:
             raise ValueError("LazyRows views must be contiguous (step 1)")
         self.start, self.stop = start, max(start, stop)
+        self._row_shape = tuple(array.shape[1:]) if transform is None else tuple(transform(array[:1]).shape[1:])
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.array.shape[1:])
+        return (len(self), *self._row_shape)
+
+    def is_floating_point(self) -> bool:
+        """Whether rows read become floating tensors (then ``to`` applies ``dtype``)."""
+        sample = self.array[:1] if self.transform is None else self.transform(self.array[:1])
+        return np.issubdtype(np.asarray(sample).dtype, np.floating)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LazyRows":
+        return LazyRows(self.array, dtype or self.dtype, device or self.device, slice(self.start, self.stop),
+                        self.transform)
 
     def view(self, rows: slice) -> "LazyRows":
         start, stop, _ = rows.indices(len(self))
-        return LazyRows(self.array, self.dtype, self.device, slice(self.start + start, self.start + stop))
+        return LazyRows(self.array, self.dtype, self.device, slice(self.start + start, self.start + stop),
+                        self.transform)
 
     def __getitem__(self, key) -> Tensor:
         if isinstance(key, slice):
@@ -81,7 +96,7 @@ class LazyRows:
         else:
             idx = np.arange(len(self))[np.asarray(key)]
             block = self.array[self.start + idx]
-        block = np.array(block)            # copy out of the map (the tensor owns its memory)
+        block = np.array(block if self.transform is None else self.transform(block))   # owns its memory
         t = torch.from_numpy(block)
         if t.is_floating_point():
             return t.to(self.device, self.dtype)
@@ -91,10 +106,8 @@ class LazyRows:
 def release_pages(array) -> None:
     """Drop a memory map's pages from this process's resident set (MADV_DONTNEED).
 
-    Safe for shared file maps: written pages stay dirty in the page cache and reach the file (no
-    synchronous msync here; flush once at the end); later reads fault pages back in. Accepts
-    np.memmap (or views), LazyRows, and objects holding several of them in ``parts``; ignores
-    anything else (in-memory tensors and arrays).
+    Accepts np.memmap (or views), LazyRows, and objects holding several of them in ``parts``;
+    ignores anything else (in-memory tensors and arrays). See ``release_mapped_pages``.
     """
     if isinstance(array, LazyRows):
         release_pages(array.array)
@@ -104,13 +117,7 @@ def release_pages(array) -> None:
         for part in parts:
             release_pages(part)
         return
-    mm = getattr(array, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):
-        pass
+    release_mapped_pages(array)
 
 
 def is_lazy(task: TwoStageTask) -> bool:

@@ -129,6 +129,49 @@ def test_mnist_idx_files(tmp_path):
     assert open_run(tmp_path, "out").manifest["pretrain_class_names"] == ["0", "1", "2"]
 
 
+def _digit_classes(classes, n_per_class: int):
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:n_per_class] for c in classes])
+    return (d.images[keep] * 15).astype(np.uint8), d.target[keep]
+
+
+def test_npy_pretraining_set_is_streamed_from_disk_and_scores_as_in_memory(tmp_path):
+    """IMAGES.npy,LABELS.npy stay memory-mapped (training, solve and scoring in chunks, scores
+    streamed into the run); the same examples given as IDX files (read into memory) score the same."""
+    pre_x, pre_y = _digit_classes(range(5), 40)
+    fine_x, fine_y = _digit_classes(range(5, 10), 20)
+    np.save(tmp_path / "pre_x.npy", pre_x), np.save(tmp_path / "pre_y.npy", pre_y)
+    np.save(tmp_path / "fine_x.npy", fine_x), np.save(tmp_path / "fine_y.npy", fine_y)
+    _idx(tmp_path / "pre_x.idx", 2051, pre_x, False)
+    _idx(tmp_path / "pre_y.idx", 2049, pre_y.astype(np.uint8), False)
+    common = ["--preset", "custom", "--no-validate", "--n-test", "4", "--finetune-data",
+              f"{tmp_path}/fine_x.npy,{tmp_path}/fine_y.npy"]
+    assert main([*common, "--pretrain-data", f"{tmp_path}/pre_x.npy,{tmp_path}/pre_y.npy",
+                 "--out", str(tmp_path / "runs" / "disk")]) == 0
+    assert main([*common, "--pretrain-data", f"{tmp_path}/pre_x.idx,{tmp_path}/pre_y.idx",
+                 "--out", str(tmp_path / "runs" / "memory")]) == 0
+    disk, memory = open_run(tmp_path / "runs", "disk"), open_run(tmp_path / "runs", "memory")
+    assert disk.manifest["config"]["scores_to_disk"] and not memory.manifest["config"]["scores_to_disk"]
+    assert disk.test_points == memory.test_points
+    np.testing.assert_array_equal(disk.pretrain_images(), pre_x)
+    for scenario in disk.scenarios:
+        want = memory.scores(scenario)
+        np.testing.assert_allclose(disk.scores(scenario), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_npy_pretraining_set_needs_no_validate(tmp_path, capsys):
+    pre_x, pre_y = _digit_classes(range(3), 10)
+    np.save(tmp_path / "x.npy", pre_x), np.save(tmp_path / "y.npy", pre_y)
+    assert main(["--preset", "custom", "--pretrain-data", f"{tmp_path}/x.npy,{tmp_path}/y.npy",
+                 "--finetune-data", f"{tmp_path}/x.npy,{tmp_path}/y.npy", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--no-validate" in err and "\n" not in err
+    assert list(tmp_path.glob("*out*")) == [] and not list(tmp_path.glob(".out*"))
+    np.save(tmp_path / "bad.npy", pre_x.astype(np.float32))
+    assert "uint8" in _bad(tmp_path, capsys, "--pretrain-data", f"{tmp_path}/bad.npy,{tmp_path}/y.npy",
+                           "--finetune-data", f"{tmp_path}/x.npy,{tmp_path}/y.npy")
+
+
 def _news_rows(topics: tuple[str, ...], per_topic: int = 20):
     from precompute.data import load_bbc_news
     news = load_bbc_news()

@@ -16,7 +16,7 @@ from .examples import (
 )
 from .features import STOP_WORDS, TextVectorizer, image_features
 from .news import bbc_news_dir, load_bbc_news
-from .user_files import IMAGE_SUFFIXES, load_image_folder, load_mnist_idx, load_text_table
+from .user_files import IMAGE_SUFFIXES, load_image_folder, load_mnist_idx, load_npy_images, load_text_table
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -31,6 +31,7 @@ __all__ = [
     "load_digits_examples",
     "load_image_folder",
     "load_mnist_idx",
+    "load_npy_images",
     "load_text_table",
     "select_classes",
     "split_train_test",

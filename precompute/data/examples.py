@@ -29,7 +29,8 @@ class LabelledExamples:
     labels:      int64 [N], values in 0..C-1, indexing ``class_names``.
     class_names: C names.
     sources:     N short provenance strings ("digits#17", "bbc/tech/012.txt", "train.csv:row 5").
-    images:      uint8 [N, H, W] (grayscale) or [N, H, W, 3] (RGB), or None.
+    images:      uint8 [N, H, W] (grayscale) or [N, H, W, 3] (RGB), or None; in memory, or a
+                 read-only ``np.memmap`` (``load_npy_images``) for sets larger than memory.
     texts:       N strings, or None. Exactly one of ``images`` / ``texts`` is set.
     """
 
@@ -63,7 +64,8 @@ class LabelledExamples:
         if (self.images is None) == (self.texts is None):
             raise DataError("set exactly one of images / texts")
         if self.images is not None:
-            images = np.asarray(self.images)
+            # a memory map stays one (the pipeline then streams it from disk)
+            images = self.images if isinstance(self.images, np.memmap) else np.asarray(self.images)
             if images.dtype != np.uint8:
                 raise DataError(f"images must be uint8, got {images.dtype}; scale to 0..255 and cast")
             if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
@@ -146,7 +148,7 @@ def select_classes(
     old_to_new = np.full(ex.n_classes, -1, dtype=np.int64)
     old_to_new[ids] = np.arange(len(ids))
     keep = np.flatnonzero(old_to_new[ex.labels] >= 0)
-    sub = ex.subset(keep)
+    sub = ex if len(keep) == len(ex) else ex.subset(keep)     # no copy (memory-mapped images stay on disk)
     return LabelledExamples(
         labels=old_to_new[sub.labels],
         class_names=tuple(ex.class_names[i] for i in ids),

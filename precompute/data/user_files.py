@@ -1,4 +1,5 @@
-"""Loaders for users' own data: an image folder, MNIST-format IDX files, a CSV/JSONL text table.
+"""Loaders for users' own data: an image folder, MNIST-format IDX files, a pair of .npy arrays, a
+CSV/JSONL text table.
 
 Every check happens here, before any training, and fails with a one-line DataError that names the
 offending file and says how to fix it.
@@ -21,7 +22,7 @@ from PIL import Image
 
 from .examples import DataError, LabelledExamples
 
-__all__ = ["IMAGE_SUFFIXES", "load_image_folder", "load_mnist_idx", "load_text_table"]
+__all__ = ["IMAGE_SUFFIXES", "load_image_folder", "load_mnist_idx", "load_npy_images", "load_text_table"]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -200,6 +201,41 @@ def load_mnist_idx(images_path: str | Path, labels_path: str | Path) -> Labelled
         sources=tuple(f"{images_path.name}#{i}" for i in range(n)),
         images=images,
     )
+
+
+def load_npy_images(images_path: str | Path, labels_path: str | Path) -> LabelledExamples:
+    """Images uint8 [N, H, W] or [N, H, W, 3] and integer labels [N] as two .npy files.
+
+    The images stay on disk: they are opened as a read-only memory map, so a pretraining set larger
+    than memory streams through training and scoring (``precompute.streaming``). Labels are read
+    into memory. class_names are the distinct label values in numeric order, as for IDX files;
+    sources: "<images file name>#i".
+    """
+    images_path, labels_path = Path(images_path), Path(labels_path)
+    arrays = []
+    for path, kind in ((images_path, "images"), (labels_path, "labels")):
+        if not path.is_file():
+            raise DataError(f"{path}: no such {kind} file; give IMAGES.npy,LABELS.npy")
+        try:
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except (ValueError, OSError) as err:
+            raise DataError(f"{path}: not a numeric .npy array ({_one_line(err)}); save it with numpy.save") from err
+    images, raw = arrays
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise DataError(f"{images_path}: holds {images.dtype} {images.shape}; expected uint8 [N, H, W] or "
+                        "[N, H, W, 3] (scale to 0..255 and cast)")
+    if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+        raise DataError(f"{labels_path}: holds {raw.dtype} {raw.shape}; expected integer labels [N]")
+    if len(raw) != len(images):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(raw)} labels; "
+                        "pass the labels file that belongs to these images")
+    if len(images) == 0:
+        raise DataError(f"{images_path}: contains no images; pass a non-empty array")
+    values, labels = np.unique(np.asarray(raw), return_inverse=True)
+    class_names = tuple(str(v) for v in values)
+    _require_two_classes(labels_path, class_names, "label values")
+    return LabelledExamples(labels=labels.astype(np.int64), class_names=class_names,
+                            sources=tuple(f"{images_path.name}#{i}" for i in range(len(images))), images=images)
 
 
 # ---------------------------------------------------------------------------------------------
