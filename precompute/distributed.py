@@ -59,6 +59,7 @@ import pickle
 import re
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -756,14 +757,19 @@ def _rank_entry(rank: int, fn, world_size: int, port: int, result_dir: str, time
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
             result = fn(rank, world_size, *args)
+            with open(Path(result_dir) / f"rank{rank}.pkl", "wb") as fh:
+                pickle.dump(result, fh)
+            dist.barrier()          # every rank is done before rank 0's store goes away
         finally:
             dist.destroy_process_group()
-        with open(Path(result_dir) / f"rank{rank}.pkl", "wb") as fh:
-            pickle.dump(result, fh)
     except BaseException:
         import traceback
         (Path(result_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # Skip interpreter teardown: destroying gloo's and the store's C++ threads at exit has
+    # occasionally aborted a finished rank ("terminate called without an active exception").
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120.0, threads: int = 1) -> list:
