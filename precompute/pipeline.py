@@ -144,6 +144,13 @@ class RunSummary:
             if check:
                 out.append(f"  {s:8} {m['config']['influence']['score_precision']} scores vs full precision: "
                            f"Pearson {check['pearson_vs_full']:.5f} on {check['n_sample']} examples")
+        training = {s: m["diagnostics"][s]["training"] for s in m["scenarios"]}
+        stages = {"pretraining": training[m["scenarios"][0]]["pretrain"],
+                  **{f"finetuning ({s})": t["finetune"] for s, t in training.items()}}
+        for stage, result in stages.items():
+            if not result["converged"]:
+                out.append(f"  warning: {stage} stopped before a minimum (‖∇‖ = {result['grad_norm']:.1e} after "
+                           f"{result['iterations']} iterations); influence assumes one: raise --train-iters")
         out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
                    + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
         return out

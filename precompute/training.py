@@ -91,6 +91,7 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
 
     used = 0
     while used < budget and _grad_norm(objective, x) > config.lbfgs_tol:
+        opt.param_groups[0]["max_iter"] = min(20, budget - used)      # never past the budget
         opt.step(closure)
         done = opt.state[opt._params[0]]["n_iter"]
         if done == used:

@@ -255,3 +255,12 @@ def test_test_id_out_of_range(tmp_path, capsys):
 
 def test_check_command_passes():
     assert main(["check"]) == 0
+
+
+def test_stopping_training_early_is_flagged_in_the_summary(tmp_path, capsys):
+    assert main(["--preset", "digits", "--quick", "--no-validate", "--train-iters", "5", "--newton-steps", "0",
+                 "--damping", "1", "--out", str(tmp_path / "early")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: pretraining stopped before a minimum" in out and "raise --train-iters" in out
+    run = open_run(tmp_path, "early")
+    assert run.manifest["diagnostics"]["fixed"]["training"]["pretrain"]["iterations"] <= 5
