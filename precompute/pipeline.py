@@ -233,25 +233,8 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
                             "cleaning/retrain.parquet": cleaning.retrain}
         evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
 
-    if not config.scores_to_disk:        # else the scoring pass has written scores/<scenario>.npy
-        for s, matrix in scores.items():
-            writer.save_array(f"scores/{s}.npy", matrix.astype(np.float32))
-    pre_table = pretrain_table(data, task, trained.p)
-    writer.save_table("pretrain.parquet", pre_table)
-    writer.save_table("finetune_test.parquet", test_table(data, preds))
-    if data.modality == "image":
-        writer.save_array("images/pretrain.npy", data.pretrain.images)
-        writer.save_array("images/finetune_test.npy", data.finetune_test.images)
-    else:
-        writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
-    nt = task.n_theta
-    writer.save_tensors("weights/pretrain.safetensors",
-                        stage_weights(task, trained.p[:nt], trained.p[nt:], "pretrain_head"))
-    for s in config.influence.scenarios:
-        q = trained.q(s)
-        writer.save_tensors(f"weights/finetune_{s}.safetensors", stage_weights(task, q[:nt], q[nt:], "finetune_head"))
-    for rel, table in evidence.tables.items():
-        writer.save_table(rel, table)
+    with timer.step("write files"):
+        pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)
     return {
         "preset": config.data.preset, "modality": data.modality,
         "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
@@ -272,6 +255,31 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
         "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
         "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
     }
+
+
+def write_files(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,
+                scores: dict[str, np.ndarray], preds: dict, evidence: "Evidence", config: RunConfig) -> pd.DataFrame:
+    """Every file of the run but the manifest; returns the pretraining table."""
+    if not config.scores_to_disk:        # else the scoring pass has written scores/<scenario>.npy
+        for s, matrix in scores.items():
+            writer.save_array(f"scores/{s}.npy", matrix.astype(np.float32))
+    pre_table = pretrain_table(data, task, trained.p)
+    writer.save_table("pretrain.parquet", pre_table)
+    writer.save_table("finetune_test.parquet", test_table(data, preds))
+    if data.modality == "image":
+        writer.save_array("images/pretrain.npy", data.pretrain.images)
+        writer.save_array("images/finetune_test.npy", data.finetune_test.images)
+    else:
+        writer.save_json("text/vectorizer.json", data.vectorizer.to_dict())
+    nt = task.n_theta
+    writer.save_tensors("weights/pretrain.safetensors",
+                        stage_weights(task, trained.p[:nt], trained.p[nt:], "pretrain_head"))
+    for s in config.influence.scenarios:
+        q = trained.q(s)
+        writer.save_tensors(f"weights/finetune_{s}.safetensors", stage_weights(task, q[:nt], q[nt:], "finetune_head"))
+    for rel, table in evidence.tables.items():
+        writer.save_table(rel, table)
+    return pre_table
 
 
 @dataclass
