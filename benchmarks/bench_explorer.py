@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         "T": len(ids),
     }
     print(json.dumps(result))
-    print(f"(synthetic run written in {write_s:.1f} s; {len(times)} switches)", file=sys.stderr)
+    made = f"run {args.run}" if args.run else f"synthetic run written in {write_s:.1f} s"
+    print(f"({made}; {len(times)} switches)", file=sys.stderr)
     return result
 
 
