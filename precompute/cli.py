@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scores-to-disk", action="store_true",
                    help="stream scores into the run directory chunk by chunk (memory maps) instead of "
                         "holding them in memory; for very large pretraining sets")
-    g.add_argument("--distributed-solve", action="store_true",
-                   help="under torchrun: solve the pretraining Hessian system on every rank with a "
-                        "data-parallel Hessian-vector product (default: rank 0 solves, then broadcasts)")
+    g.add_argument("--rank-zero-solve", action="store_true",
+                   help="under torchrun: rank 0 solves the pretraining Hessian system over the whole set "
+                        "and broadcasts (faster for small sets; default: every rank solves together with "
+                        "a data-parallel Hessian-vector product)")
 
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=int, help="embedding width (default: digits 16, news 8, custom 16)")
@@ -171,7 +172,7 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
                          if v is not None}),
         influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
                                   finetune_solver=solver, chunk_size=args.chunk_size,
-                                  distributed_solve=args.distributed_solve,
+                                  distributed_solve=not args.rank_zero_solve,
                                   score_precision=args.score_precision),
         validation=validation, cleaning=replace(QUICK_CLEANING if args.quick else CleaningConfig(), seed=args.seed),
         clean=args.clean, device=args.device, dtype=args.dtype,

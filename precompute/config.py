@@ -100,9 +100,9 @@ class InfluenceConfig:
     chunk_size: pretraining examples per chunk of the streamed scoring pass; peak memory is
                 about chunk_size × P floats.
     distributed_solve: under torchrun, solve H_P⁻¹ on every rank in lockstep with a data-parallel
-                Hessian-vector product (each rank's shard, all-reduced) instead of on rank 0 alone;
-                for pretraining sets too large for one device's Hessian products. Single process:
-                no effect.
+                Hessian-vector product (each rank's shard, all-reduced; the default). False: rank 0
+                solves alone over the whole set and broadcasts (no all-reduce per product; faster
+                for small sets). Single process: no effect.
     score_precision: "full" (the model's dtype), "bfloat16" or "float16": the per-example gradients
                 of the scoring pass run under torch.autocast (float32 models; mostly a GPU speed-up).
                 The run then re-scores a sample at full precision and reports the Pearson
@@ -114,7 +114,7 @@ class InfluenceConfig:
     pretrain_solver: SolverConfig = field(default_factory=SolverConfig)
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
     chunk_size: int = 256
-    distributed_solve: bool = False
+    distributed_solve: bool = True
     score_precision: str = "full"
 
     def __post_init__(self) -> None:

@@ -39,8 +39,8 @@ def single_process_run(tmp_path_factory):
     return open_run(out.parent, out.name)
 
 
-@pytest.mark.parametrize("extra", [(), ("--scores-to-disk", "--distributed-solve")],
-                         ids=["gathered", "to-disk+distributed-solve"])
+@pytest.mark.parametrize("extra", [(), ("--scores-to-disk", "--rank-zero-solve")],
+                         ids=["gathered+distributed-solve", "to-disk+rank-zero-solve"])
 def test_two_ranks_give_the_single_process_run(single_process_run, tmp_path, extra):
     out = tmp_path / "digits"
     proc = subprocess.run(torchrun(*QUICK, *extra, "--out", str(out)), env=loopback_env(),
