@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .presets import PRESET_MODELS
-from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig, ModelConfig, RunConfig,
-                     SolverConfig, TrainConfig, ValidationConfig)
+from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig,
+                     ModelConfig, RunConfig, SolverConfig, TrainConfig, ValidationConfig)
 
 # (run name, preset, flag overrides): the noisy run (for the Data cleaning page) is quick-sized and
 # skips the retraining check, to keep the whole demo within 5 minutes on 2 cores.
@@ -214,8 +214,8 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
     for preset, out, extra in jobs:
-        exists = broadcast_object(main_rank and (Path(out) / "manifest.json").exists())
-        if args.preset == "demo" and not args.overwrite and exists:
+        if args.preset == "demo" and not args.overwrite and \
+                broadcast_object(main_rank and (Path(out) / "manifest.json").exists()):   # rank 0 decides
             say(f"== {out} exists: kept (pass --overwrite to rebuild it)")
             continue
         try:
@@ -230,7 +230,7 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
             if main_rank:
                 print(f"interrupted: nothing was written to {out}", file=sys.stderr)
             return 130
-        if main_rank:
+        if main_rank:                               # the other ranks hold no manifest
             say("\n".join(summary.lines()))
     if args.preset == "demo":
         say(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
