@@ -8,8 +8,11 @@ For finetune test points t (loss f_t) and pretraining examples z (design.md §2)
     score(z, t) = ∇_p ℓ_P(z) · s_t / m = −I_up(z, t) / m
 
 score > 0: removing z is predicted to RAISE the test loss (z helpful); score < 0: z harmful.
-The test-side matrix S = [s_1 … s_T] is [P, T]; scoring streams per-example gradients in chunks,
-so memory is O(chunk_size · P + P · T), never O(m · P). When the pretraining inputs are memory-mapped
+The test-side matrix S = [s_1 … s_T] is [P, T]; scoring streams the pretraining set in chunks, so
+memory is O(chunk_size · P + P · T), never O(m · P). For models whose parameters all sit in
+nn.Linear layers (the presets), each chunk costs one forward and one backward plus B·T·P
+multiply-adds (``linear_layer_scores``: per-example gradients are outer products, never formed);
+other models use forward mode or vmapped per-example gradients. When the pretraining inputs are memory-mapped
 (``precompute.streaming.LazyRows``) the H_P products of the solve are streamed in chunks as well.
 """
 
@@ -145,21 +148,99 @@ def directional_derivatives(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor,
     return vmap(lambda v: jvp(losses, (p.detach(),), (v,))[1], in_dims=1, out_dims=1)(vectors)
 
 
+@dataclass(frozen=True)
+class LinearSlot:
+    """One ``nn.Linear`` of the pretraining model and where its parameters sit in p."""
+
+    module: torch.nn.Linear
+    weight: slice               # [out · in] entries of p, row-major like ``module.weight``
+    bias: slice | None
+
+
+def linear_slots(task: TwoStageTask) -> list[LinearSlot] | None:
+    """The Linear layers holding every pretraining parameter, or None if any parameter lives
+    elsewhere (then ``score_pretraining`` uses the generic per-example paths)."""
+    slots: dict[int, dict] = {}
+    offset = 0
+    for root, layout in ((task.embedding, task.theta_layout), (task.pretrain_head, task.w_layout)):
+        modules = dict(root.named_modules())
+        for name, size in zip(layout.names, layout.sizes):
+            owner, _, kind = name.rpartition(".")
+            module = modules.get(owner)
+            if not isinstance(module, torch.nn.Linear) or kind not in ("weight", "bias"):
+                return None
+            slots.setdefault(id(module), {"module": module, "bias": None})[kind] = slice(offset, offset + size)
+            offset += size
+    return [LinearSlot(**entry) for entry in slots.values()]
+
+
+def linear_layer_scores(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, vectors: Tensor,
+                        slots: list[LinearSlot]) -> Tensor | None:
+    """∇_p ℓ_P(z_i) · vectors[:, t] for a chunk, [B, T], from one forward and one backward.
+
+    For a Linear layer with input a_i and output gradient δ_i = ∂ℓ_i/∂(output_i), the per-example
+    weight gradient is the outer product δ_i a_iᵀ, so its inner product with the matching block
+    S_t [out, in] of a test-side vector is δ_iᵀ S_t a_i, and with the bias block b_t it is δ_i · b_t.
+    One backward of Σ_i ℓ_i gives every δ_i (examples do not interact), so per-example gradients
+    are never formed: the cost is about one training step plus B·T·P multiply-adds. Returns None
+    (use the generic paths) if a layer sees inputs that are not [B, in] or runs more than once.
+    """
+    seen: dict[int, list[tuple[Tensor, Tensor]]] = {id(s.module): [] for s in slots}
+
+    def record(module, inputs, output):
+        seen[id(module)].append((inputs[0], output))
+
+    handles = [s.module.register_forward_hook(record) for s in slots]
+    try:
+        with torch.enable_grad():
+            leaf = p.detach().requires_grad_(True)
+            total = task.pretrain_losses(leaf, x, y).sum()
+            calls = [seen[id(s.module)] for s in slots]
+            if any(len(c) != 1 or c[0][0].dim() != 2 for c in calls):
+                return None
+            deltas = torch.autograd.grad(total, [c[0][1] for c in calls])
+    finally:
+        for handle in handles:
+            handle.remove()
+    b, t = len(x), vectors.shape[1]
+    out = torch.zeros(b, t, dtype=vectors.dtype, device=vectors.device)
+    for slot, call, delta in zip(slots, calls, deltas):
+        a = call[0][0].detach()
+        n_out, n_in = slot.module.weight.shape
+        block = vectors[slot.weight].reshape(n_out, n_in, t)                    # S_t stacked: [out, in, T]
+        # δᵀ S_t a as one GEMM that contracts the wider side, then a batched contraction of the other
+        if n_in >= n_out:
+            projected = (a @ block.permute(1, 0, 2).reshape(n_in, n_out * t)).view(b, n_out, t)
+            out += torch.bmm(delta[:, None, :], projected)[:, 0]
+        else:
+            projected = (delta @ block.reshape(n_out, n_in * t)).view(b, n_in, t)
+            out += torch.bmm(a[:, None, :], projected)[:, 0]
+        if slot.bias is not None:
+            out += delta @ vectors[slot.bias]
+    return out
+
+
 JVP_MAX_COLUMNS = 48   # above this many test-side vectors, per-example gradients + one GEMM are faster
+SCORING_METHODS = ("auto", "linear", "jvp", "grad")
 AUTOCAST_DTYPES = {"full": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_SAMPLE = 2048  # pretraining examples re-scored at full precision by ``precision_check``
 
 
 def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size: int = 256,
                       out: np.ndarray | None = None, progress: bool = True,
-                      precision: str = "full") -> np.ndarray:
+                      precision: str = "full", method: str = "auto") -> np.ndarray:
     """scores[t, i] = ∇ℓ_P(z_i) · vectors[:, t] / m for every pretraining example, streamed in chunks.
 
     vectors: [P, T] test-side vectors. Returns (or fills ``out``) a float32 array [T, m]. Memory per
     chunk: chunk_size × P (gradients) or chunk_size × T × activations (forward mode).
     precision: "full" (the task's dtype) or "bfloat16"/"float16": the per-example part runs under
     ``torch.autocast`` (float32 tasks only; see ``precision_check`` for what it costs in accuracy).
+    method: "auto" uses ``linear_layer_scores`` when every parameter belongs to an nn.Linear, else
+    forward mode (``directional_derivatives``) up to ``JVP_MAX_COLUMNS`` columns, else per-example
+    gradients and one GEMM; "linear", "jvp" or "grad" force one (all give the same numbers).
     """
+    if method not in SCORING_METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; choose from {', '.join(SCORING_METHODS)}")
     autocast = AUTOCAST_DTYPES[precision]
     if autocast is not None and task.dtype != torch.float32:
         raise TaskError(f"score precision {precision} needs a float32 model (autocast leaves "
@@ -169,17 +250,17 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
         raise TaskError(f"test-side vectors have {vectors.shape[0]} rows, the pretraining model has "
                         f"{task.n_pretrain_params} parameters")
     scores = np.empty((t, m), dtype=np.float32) if out is None else out
+    slots = linear_slots(task) if method in ("auto", "linear") else None
+    if method == "linear" and slots is None:
+        raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear layers")
     bar = tqdm(total=m, desc="scoring pretraining examples", unit="ex", leave=False, disable=not progress)
     with torch.no_grad():
         for start in range(0, m, chunk_size):
             sl = slice(start, min(start + chunk_size, m))
             x, y = task.pretrain_x[sl], task.pretrain_y[sl]
             with torch.autocast(task.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                if t <= JVP_MAX_COLUMNS:
-                    chunk = directional_derivatives(task, p, x, y, vectors) / m        # [B, T]
-                else:
-                    chunk = (per_example_gradients(task, p, x, y) @ vectors) / m
-            chunk = chunk.to(task.dtype)
+                chunk, slots = _chunk_inner_products(task, p, x, y, vectors, method, slots)
+            chunk = (chunk / m).to(task.dtype)                                      # [B, T]
             if not torch.isfinite(chunk).all():
                 bad = sl.start + int((~torch.isfinite(chunk)).any(1).nonzero()[0])
                 raise TaskError(f"non-finite gradient for pretraining example {bad}; check its input and label")
@@ -187,6 +268,19 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
             bar.update(sl.stop - sl.start)
     bar.close()
     return scores
+
+
+def _chunk_inner_products(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, vectors: Tensor, method: str,
+                          slots: list[LinearSlot] | None) -> tuple[Tensor, list[LinearSlot] | None]:
+    """∇ℓ_P(z_i) · vectors for one chunk, [B, T], and the Linear slots to try on the next chunk."""
+    if slots is not None:
+        chunk = linear_layer_scores(task, p, x, y, vectors, slots)
+        if chunk is not None:
+            return chunk, slots
+    # the model does not fit the outer-product path (or it was not asked for): stop trying it
+    if method == "jvp" or (method != "grad" and vectors.shape[1] <= JVP_MAX_COLUMNS):
+        return directional_derivatives(task, p, x, y, vectors), None
+    return per_example_gradients(task, p, x, y) @ vectors, None
 
 
 def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
@@ -230,6 +324,7 @@ def precision_check(task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor], s
     return out
 
 
-__all__ = ["SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "batched_hvp", "embedding_sensitivity_fixed",
-           "embedding_sensitivity_updated", "directional_derivatives", "multi_stage_scores", "per_example_gradients",
-           "precision_check", "pretrain_solver", "score_pretraining", "gradients_at_test_points", "stacked_test_vectors"]
+__all__ = ["SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "LinearSlot", "batched_hvp",
+           "directional_derivatives", "embedding_sensitivity_fixed", "embedding_sensitivity_updated",
+           "gradients_at_test_points", "linear_layer_scores", "linear_slots", "multi_stage_scores",
+           "per_example_gradients", "precision_check", "pretrain_solver", "score_pretraining", "stacked_test_vectors"]

@@ -256,24 +256,73 @@ def test_unknown_solver_name():
         SolverConfig("newton")
 
 
-@pytest.mark.parametrize("columns", [3, 60])   # forward-mode path and per-example-gradient path
-def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, columns):
-    """The streamed pass never touches more than chunk_size examples at once, on either path."""
+@pytest.mark.parametrize("method,columns,path", [("auto", 3, "linear_layer_scores"), ("jvp", 3, "directional_derivatives"),
+                                                  ("auto", 60, "linear_layer_scores"), ("grad", 60, "per_example_gradients")])
+def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, method, columns, path):
+    """The streamed pass never touches more than chunk_size examples at once, on every path, and
+    every path gives the brute-force inner products with per-example gradients."""
     import precompute.influence as inf
     task, trained = tiny
     seen = []
-    for name in ("per_example_gradients", "directional_derivatives"):
-        real = getattr(inf, name)
+    real = getattr(inf, path)
 
-        def spy(task_, p, x, *rest, _real=real):
-            seen.append(len(x))
-            return _real(task_, p, x, *rest)
+    def spy(task_, p, x, *rest):
+        seen.append(len(x))
+        return real(task_, p, x, *rest)
 
-        monkeypatch.setattr(inf, name, spy)
+    monkeypatch.setattr(inf, path, spy)
     vectors = torch.randn(task.n_pretrain_params, columns, dtype=torch.float64)
-    scores = score_pretraining(task, trained.p, vectors, chunk_size=16, progress=False)
+    scores = score_pretraining(task, trained.p, vectors, chunk_size=16, progress=False, method=method)
     assert max(seen) == 16 and sum(seen) == task.m
-    # Both paths compute the same numbers: compare with explicit per-example gradients.
     monkeypatch.undo()
     expected = (per_example_gradients(task, trained.p, task.pretrain_x, task.pretrain_y) @ vectors / task.m).T
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def _with_layers(task: TwoStageTask, embedding: nn.Module) -> TwoStageTask:
+    return TwoStageTask(embedding.double(), task.pretrain_head, task.finetune_head, task.pretrain_x, task.pretrain_y,
+                        task.finetune_x, task.finetune_y, task.test_x, task.test_y)
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice (shared weights): per-example gradients are sums of two outer products."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return torch.tanh(self.out(torch.tanh(self.layer(torch.tanh(self.layer(x))))))
+
+
+class _Tokens(nn.Module):
+    """A Linear over a [B, 4, 4] input (a 3-D activation): the outer-product path does not apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x.reshape(-1, 4, 4))).mean(1)
+
+
+@pytest.mark.parametrize("make,expected_slots", [
+    (lambda: nn.Sequential(nn.Linear(16, 5), nn.LayerNorm(5), nn.Tanh()), False),   # non-Linear parameters
+    (_Twice, True),                                                                  # runtime fallback
+    (_Tokens, True),                                                                 # runtime fallback
+])
+def test_models_outside_the_outer_product_path_fall_back_to_per_example_gradients(tiny, make, expected_slots):
+    from precompute.influence import linear_slots
+    base, _ = tiny
+    torch.manual_seed(0)
+    task = _with_layers(base, make())
+    assert (linear_slots(task) is not None) == expected_slots
+    p = task.initial_pretrain_params()
+    vectors = torch.randn(task.n_pretrain_params, 4, dtype=torch.float64)
+    scores = score_pretraining(task, p, vectors, chunk_size=16, progress=False)
+    expected = (per_example_gradients(task, p, task.pretrain_x, task.pretrain_y) @ vectors / task.m).T
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-9)
+    if not expected_slots:
+        with pytest.raises(TaskError, match="nn.Linear"):
+            score_pretraining(task, p, vectors, progress=False, method="linear")
