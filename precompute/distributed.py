@@ -75,8 +75,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import InfluenceConfig, SolverConfig
-from .influence import (batched_hvp, embedding_sensitivity_fixed, embedding_sensitivity_updated,
-                        precision_check, score_pretraining, stacked_test_vectors)
+from .influence import (batched_hvp, counted, embedding_sensitivity_fixed, embedding_sensitivity_updated,
+                        precision_check, score_pretraining, solve_progress, stacked_test_vectors)
 from .runstore import RunWriter
 from .solvers import BatchedHVP, InverseHVP, make_solver
 from .streaming import DEFAULT_CHUNK, LazyRows, StreamedPretrainObjective, is_lazy, release_pages
@@ -428,9 +428,11 @@ def distributed_pretrain_hvp(task: TwoStageTask, p: Tensor, weights: Tensor | No
                            task.pretrain_l2, rhs_block)
 
 
-def distributed_pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig) -> InverseHVP:
+def distributed_pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
+                                on_product: Callable[[int], object] | None = None) -> InverseHVP:
     """(H_P + λI)⁻¹ with a data-parallel HVP; call ``solve`` on every rank with the same rhs."""
-    return make_solver(distributed_pretrain_hvp(task, p), task.n_pretrain_params, config, p.dtype, p.device)
+    return make_solver(counted(distributed_pretrain_hvp(task, p), on_product), task.n_pretrain_params, config,
+                       p.dtype, p.device)
 
 
 def _finetune_side(task: TwoStageTask, trained: TrainedStages, ids: Tensor,
@@ -449,7 +451,8 @@ def _finetune_side(task: TwoStageTask, trained: TrainedStages, ids: Tensor,
 
 
 def distributed_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
-                             solver: InverseHVP | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
+                             solver: InverseHVP | None = None,
+                             progress: bool = False) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """``stacked_test_vectors`` with the pretraining solve on a data-parallel HVP (all ranks).
 
     The finetune side (small: finetune data only) runs on rank 0 and is broadcast; every rank then
@@ -461,11 +464,11 @@ def distributed_test_vectors(task: TwoStageTask, trained: TrainedStages, test_id
     g_all, side_diag = rank_zero_compute(_finetune_side, task, trained, ids, config, device=device,
                                          what="finetune-side solves")
     p = broadcast_vectors(trained.p, device=device)         # every rank linearises at rank 0's p
-    solver = solver or distributed_pretrain_solver(task, p, config.pretrain_solver)
     rhs = torch.cat([g_all, torch.zeros(task.w_layout.size, g_all.shape[1], dtype=g_all.dtype, device=device)])
     result, error = None, None
     try:
-        result = solver.solve(rhs)
+        with solve_progress(progress and solver is None and get_rank() == 0) as bar:
+            result = (solver or distributed_pretrain_solver(task, p, config.pretrain_solver, bar.update)).solve(rhs)
     except Exception as err:     # noqa: BLE001 (all ranks see the same numbers, so all fail alike)
         error = err
     agree(error, "pretraining solve")
@@ -644,10 +647,11 @@ def sharded_multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_
     """
     ids = task.check_test_ids(test_ids)
     if distributed_solve:
-        vectors, diagnostics = distributed_test_vectors(task, trained, ids, config)
+        vectors, diagnostics = distributed_test_vectors(task, trained, ids, config, progress=progress)
     else:
         vectors, diagnostics = rank_zero_compute(stacked_test_vectors, task, trained, ids, config,
-                                                 device=trained.p.device, what="test-side vectors")
+                                                 progress=progress, device=trained.p.device,
+                                                 what="test-side vectors")
     stacked = torch.cat([vectors[s] for s in config.scenarios], dim=1)
     out_dir = broadcast_object(None if out_dir is None else Path(out_dir))
     paths = None if out_dir is None else [out_dir / "scores" / f"{s}.npy" for s in config.scenarios]

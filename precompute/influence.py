@@ -19,6 +19,7 @@ other models use forward mode or vmapped per-example gradients. When the pretrai
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,13 +53,27 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
     return lambda v: batched_double_backward(gradient, leaf, v, rhs_block)
 
 
-def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig) -> InverseHVP:
+def counted(hvp: BatchedHVP, on_product: Callable[[int], object] | None) -> BatchedHVP:
+    """``hvp`` that reports the number of columns of each product (for a progress bar)."""
+    if on_product is None:
+        return hvp
+
+    def apply(v: Tensor) -> Tensor:
+        out = hvp(v)
+        on_product(v.shape[1])
+        return out
+
+    return apply
+
+
+def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
+                    on_product: Callable[[int], object] | None = None) -> InverseHVP:
     """(H_P + λI)⁻¹ at p*, over all of (θ, W); reusable for every test point and scenario.
 
     On a task whose pretraining inputs are ``LazyRows`` every Hessian-vector product is a chunked
     pass over them (``precompute.streaming``), so memory does not grow with m."""
-    return make_solver(batched_hvp(pretraining_objective(task), p), task.n_pretrain_params, config,
-                       p.dtype, p.device)
+    return make_solver(counted(batched_hvp(pretraining_objective(task), p), on_product), task.n_pretrain_params,
+                       config, p.dtype, p.device)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -104,11 +119,13 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
 
 
 def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
-                      solver: InverseHVP | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
+                         solver: InverseHVP | None = None,
+                         progress: bool = False) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """S_scenario = H_P⁻¹ [g; 0_W], [P, T] per scenario, with one pretraining solve for all scenarios.
 
     Returns ({scenario: S}, {scenario: diagnostics}). ``solver`` lets a caller reuse a factorised
-    pretraining solver (exact/arnoldi) across calls.
+    pretraining solver (exact/arnoldi) across calls. ``progress``: count the Hessian-vector
+    products of the pretraining solve (each a pass over the set when it streams from disk).
     """
     ids = task.check_test_ids(test_ids)
     p = trained.p
@@ -120,14 +137,20 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
         else:
             sides[scenario] = embedding_sensitivity_updated(task, q, task.theta_of(p), trained.alpha, ids,
                                                             config.finetune_solver)
-    solver = solver or pretrain_solver(task, p, config.pretrain_solver)
     g_all = torch.cat([sides[s].g for s in config.scenarios], dim=1)
     rhs = torch.cat([g_all, torch.zeros(task.w_layout.size, g_all.shape[1], dtype=g_all.dtype,
                                         device=g_all.device)])
-    s_all, diag = solver.solve(rhs)
+    with solve_progress(progress and solver is None) as bar:
+        s_all, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update)).solve(rhs)
     vectors = dict(zip(config.scenarios, torch.split(s_all, len(ids), dim=1)))
     diagnostics = {s: {**sides[s].diagnostics, "pretrain_solve": diag.as_dict()} for s in config.scenarios}
     return vectors, diagnostics
+
+
+def solve_progress(enabled: bool) -> tqdm:
+    """Progress of a pretraining solve, in Hessian columns (use as a context manager)."""
+    return tqdm(desc="pretraining solve (Hessian columns)", unit="col", leave=False, disable=not enabled,
+                mininterval=1.0)
 
 
 def per_example_gradients(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -289,7 +312,7 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
 
     All scenarios share one streamed pass: their test-side vectors are stacked column-wise.
     """
-    vectors, diagnostics = stacked_test_vectors(task, trained, test_ids, config)
+    vectors, diagnostics = stacked_test_vectors(task, trained, test_ids, config, progress=progress)
     stacked = torch.cat([vectors[s] for s in config.scenarios], dim=1)
     scores = score_pretraining(task, trained.p, stacked, config.chunk_size, progress=progress,
                                precision=config.score_precision)

@@ -196,7 +196,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                 scores, diagnostics = sharded_multi_stage_scores(
                     task, trained, test_ids, config.influence, progress=progress,
                     out_dir=writer.path if config.scores_to_disk and main else None,
-                    distributed_solve=config.influence.distributed_solve)
+                    distributed_solve=config.influence.distributed_solve and world > 1)
             else:
                 scores, diagnostics = multi_stage_scores(task, trained, test_ids, config.influence,
                                                          progress=progress)
