@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .config import CleaningConfig, InfluenceConfig, ValidationConfig
+from .config import CleaningConfig, InfluenceConfig
 from .influence import per_example_gradients, pretrain_solver, score_pretraining, stacked_test_vectors
 from .retraining import Retrainer, retrain, solve_stage
 from .solvers import ArnoldiSolver, ExactSolver, InverseHVP

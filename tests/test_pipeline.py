@@ -7,7 +7,6 @@ import json
 import struct
 
 import numpy as np
-import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
