@@ -45,9 +45,12 @@ into tensors one chunk at a time, and the scoring loop releases both maps' pages
 (``release_pages``), so resident memory stays bounded by the block size, not by m. On a task whose
 inputs are ``LazyRows`` the data-parallel HVP streams each shard too (``pretrain_shard_objective``
 returns a ``StreamedPretrainObjective``: one chunked pass per product, memory O(chunk)), as do
-single-process training and the pretraining solve (see ``precompute.streaming``). Measured (``benchmarks/bench_large.py``, m = 1,000,000
-digits-sized examples, P = 1,125, T = 64, chunk 1,024, one CPU thread): peak RSS 527 MiB with
-release vs 978 MiB without (371 MiB of it is the imports), about 1.1 s per 100,000 examples.
+single-process training and the pretraining solve (see ``precompute.streaming``).
+
+Measured (``benchmarks/bench_large.py``, m = 1,000,000 digits-sized examples, P = 1,125, T = 64,
+chunk 1,024, one CPU thread): with the outer-product scoring path, 0.52 s per 100,000 examples
+and peak RSS 429 MiB (370 MiB before the pass, mostly imports); two ranks 0.26 s per 100,000.
+Before that path: 1.1 s, and peak RSS 527 MiB with page release vs 978 MiB without.
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import InfluenceConfig, SolverConfig
-from .influence import (batched_hvp, counted, embedding_sensitivity_fixed, embedding_sensitivity_updated,
-                        precision_check, score_pretraining, solve_progress, stacked_test_vectors)
+from .influence import (add_precision_check, batched_hvp, counted, embedding_sensitivity_fixed,
+                        embedding_sensitivity_updated, score_pretraining, solve_progress, stacked_test_vectors)
 from .runstore import RunWriter
 from .solvers import BatchedHVP, InverseHVP, make_solver
 from .streaming import DEFAULT_CHUNK, LazyRows, StreamedPretrainObjective, is_lazy, release_pages
@@ -84,8 +87,8 @@ from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
 __all__ = [
-    "DistEnv", "DistributedError", "LazyRows", "torchrun_env", "init_distributed", "close_distributed", "is_distributed",
-    "get_rank", "get_world_size", "default_backend", "collective_device", "shard_range", "shard_task",
+    "DistEnv", "DistributedError", "LazyRows", "torchrun_env", "init_distributed", "close_distributed",
+    "is_distributed", "get_rank", "get_world_size", "default_backend", "collective_device", "shard_range", "shard_task",
     "agree", "agreed", "broadcast_object", "broadcast_vectors", "rank_zero_compute", "distributed_hvp",
     "pretrain_shard_objective", "distributed_pretrain_hvp", "distributed_pretrain_solver",
     "distributed_test_vectors", "write_scores_memmap", "release_pages", "score_in_blocks",
@@ -662,9 +665,7 @@ def sharded_multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_
     t = len(ids)
     split = (dict(zip(config.scenarios, scores)) if paths is not None
              else {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)})
-    if config.score_precision != "full":          # rank 0 only: it holds the scores
-        for s, check in precision_check(task, trained.p, vectors, split, config.chunk_size).items():
-            diagnostics[s]["score_precision"] = check
+    add_precision_check(diagnostics, task, trained.p, vectors, split, config)      # rank 0: it holds the scores
     return split, diagnostics
 
 

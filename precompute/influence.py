@@ -12,8 +12,8 @@ The test-side matrix S = [s_1 … s_T] is [P, T]; scoring streams the pretrainin
 memory is O(chunk_size · P + P · T), never O(m · P). For models whose parameters all sit in
 nn.Linear layers (the presets), each chunk costs one forward and one backward plus B·T·P
 multiply-adds (``linear_layer_scores``: per-example gradients are outer products, never formed);
-other models use forward mode or vmapped per-example gradients. When the pretraining inputs are memory-mapped
-(``precompute.streaming.LazyRows``) the H_P products of the solve are streamed in chunks as well.
+other models use forward mode or vmapped per-example gradients. When the pretraining inputs are
+memory-mapped (``precompute.streaming.LazyRows``), the H_P products of the solve stream too.
 """
 
 from __future__ import annotations
@@ -255,7 +255,8 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     """scores[t, i] = ∇ℓ_P(z_i) · vectors[:, t] / m for every pretraining example, streamed in chunks.
 
     vectors: [P, T] test-side vectors. Returns (or fills ``out``) a float32 array [T, m]. Memory per
-    chunk: chunk_size × P (gradients) or chunk_size × T × activations (forward mode).
+    chunk: chunk_size × T × the widest Linear layer (outer products), chunk_size × P (gradients)
+    or chunk_size × T × activations (forward mode).
     precision: "full" (the task's dtype) or "bfloat16"/"float16": the per-example part runs under
     ``torch.autocast`` (float32 tasks only; see ``precision_check`` for what it costs in accuracy).
     method: "auto" uses ``linear_layer_scores`` when every parameter belongs to an nn.Linear, else
@@ -318,10 +319,17 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
                                precision=config.score_precision)
     t = len(task.check_test_ids(test_ids))
     split = {s: scores[i * t: (i + 1) * t] for i, s in enumerate(config.scenarios)}
-    if config.score_precision != "full":
-        for s, check in precision_check(task, trained.p, vectors, split, config.chunk_size).items():
-            diagnostics[s]["score_precision"] = check
+    add_precision_check(diagnostics, task, trained.p, vectors, split, config)
     return split, diagnostics
+
+
+def add_precision_check(diagnostics: dict[str, dict], task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor],
+                        scores: dict[str, np.ndarray], config: InfluenceConfig) -> None:
+    """With a reduced score precision, put ``precision_check``'s figures in each scenario's
+    diagnostics (key "score_precision"); no-op at full precision."""
+    if config.score_precision != "full":
+        for s, check in precision_check(task, p, vectors, scores, config.chunk_size).items():
+            diagnostics[s]["score_precision"] = check
 
 
 def precision_check(task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor], scores: dict[str, np.ndarray],
@@ -347,7 +355,7 @@ def precision_check(task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor], s
     return out
 
 
-__all__ = ["SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "LinearSlot", "batched_hvp",
+__all__ = ["SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "LinearSlot", "add_precision_check", "batched_hvp",
            "directional_derivatives", "embedding_sensitivity_fixed", "embedding_sensitivity_updated",
            "gradients_at_test_points", "linear_layer_scores", "linear_slots", "multi_stage_scores",
            "per_example_gradients", "precision_check", "pretrain_solver", "score_pretraining", "stacked_test_vectors"]
