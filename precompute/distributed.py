@@ -78,6 +78,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import InfluenceConfig, SolverConfig
+from .errors import PrecomputeError
 from .influence import (add_precision_check, batched_hvp, counted, embedding_sensitivity_fixed,
                         embedding_sensitivity_updated, score_pretraining, solve_progress, stacked_test_vectors)
 from .runstore import RunWriter
@@ -97,7 +98,7 @@ __all__ = [
 ]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(PrecomputeError, RuntimeError):
     """A step failed on one or more ranks; ``errors`` maps rank -> "ExceptionType: message"."""
 
     def __init__(self, message: str, errors: dict[int, str] | None = None):
@@ -722,7 +723,7 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-class RanksFailed(RuntimeError):
+class RanksFailed(PrecomputeError, RuntimeError):
     """``run_on_ranks``: one or more ranks failed; ``errors`` maps rank -> its traceback (or exit code)."""
 
     def __init__(self, errors: dict[int, str]):

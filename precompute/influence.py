@@ -31,26 +31,11 @@ from tqdm.auto import tqdm
 from .config import InfluenceConfig, SolverConfig
 from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
-from .streaming import StreamedPretrainObjective, batched_double_backward, pretraining_objective
+from .curvature import batched_hvp
+from .streaming import pretraining_objective
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
-
-
-def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
-    """V [D, k] -> ∇²objective(x) @ V.
-
-    The gradient graph at x is built once and kept; each product is one batched double-backward
-    through it (about 6x faster than re-tracing forward-over-reverse for every call on small models).
-    A ``StreamedPretrainObjective`` instead makes each product one chunked pass over the data
-    (memory O(chunk), the graph of one chunk at a time).
-    """
-    if isinstance(objective, StreamedPretrainObjective):
-        return objective.hvp(x, rhs_block)
-    leaf = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        gradient = torch.autograd.grad(objective(leaf), leaf, create_graph=True)[0]
-    return lambda v: batched_double_backward(gradient, leaf, v, rhs_block)
 
 
 def counted(hvp: BatchedHVP, on_product: Callable[[int], object] | None) -> BatchedHVP:

@@ -37,9 +37,9 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from .config import SolverConfig, ValidationConfig
-from .influence import batched_hvp
-from .solvers import ExactSolver
+from .config import ValidationConfig
+from .curvature import batched_hvp, dense_hessian
+from .errors import PrecomputeError
 from .task import TwoStageTask
 from .training import TrainedStages
 
@@ -66,7 +66,7 @@ BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
 
 
-class RetrainError(RuntimeError):
+class RetrainError(PrecomputeError, RuntimeError):
     """Retraining cannot run as asked (too many parameters for the dense preconditioner, bad weights)."""
 
 
@@ -88,7 +88,7 @@ class Preconditioner:
             raise RetrainError(
                 f"retraining {what}: {dim} parameters exceed the dense-preconditioner limit of "
                 f"{MAX_DENSE_PARAMS} (a {dim}x{dim} Hessian); validate on a smaller model or skip validation")
-        hessian = ExactSolver(batched_hvp(objective, x), dim, SolverConfig("exact"), x.dtype, x.device).hessian()
+        hessian = dense_hessian(batched_hvp(objective, x), dim, x.dtype, x.device)
         evals, vecs = torch.linalg.eigh(hessian)
         floor = RELATIVE_DAMPING * max(float(evals.abs().max()), torch.finfo(x.dtype).tiny)
         return vecs, 1.0 / evals.abs().clamp_min(floor)

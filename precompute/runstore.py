@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import PrecomputeError
+
 __all__ = [
     "FORMAT_VERSION",
     "SCORE_DEFINITION",
@@ -107,7 +109,7 @@ NOISE_COLUMNS = ("original_label", "flipped")
 _SCENARIO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-class RunStoreError(Exception):
+class RunStoreError(PrecomputeError):
     """A run directory cannot be written or read. The message names the run and what is wrong."""
 
 

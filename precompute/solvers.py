@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .config import AUTO_EXACT_MAX_DIM, SolverConfig
+from .curvature import BatchedHVP, dense_hessian
+from .errors import PrecomputeError
 
-BatchedHVP = Callable[[Tensor], Tensor]
-"""[D, k] -> [D, k]: H @ V for a symmetric H, without damping."""
 
-
-class SolverError(RuntimeError):
+class SolverError(PrecomputeError, RuntimeError):
     """An inverse-HVP solve failed (diverged, indefinite, non-finite or not converged)."""
 
 
@@ -113,10 +111,7 @@ class ExactSolver(InverseHVP):
         self._eig: tuple[Tensor, Tensor] | None = None
 
     def hessian(self) -> Tensor:
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        cols = [self.hvp(eye[:, i: i + self.block]) for i in range(0, self.dim, self.block)]
-        h = torch.cat(cols, dim=1)
-        return 0.5 * (h + h.T)
+        return dense_hessian(self.hvp, self.dim, self.dtype, self.device, self.block)
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:

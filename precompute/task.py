@@ -24,11 +24,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .errors import PrecomputeError
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(outputs [B, ...], targets [B]) -> per-example losses [B]."""
 
 
-class TaskError(ValueError):
+class TaskError(PrecomputeError, ValueError):
     """A task was filled in wrongly (shapes, losses, ids); the message names the problem."""
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .curvature import batched_hvp, dense_hessian
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
@@ -108,15 +109,10 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     apply) it steps along that eigenvector and carries on, so training ends at a true minimum.
     Returns (x, reached a minimum: ‖∇‖ ≤ grad_tol with a positive definite Hessian).
     """
-    from .config import SolverConfig
-    from .influence import batched_hvp
-    from .solvers import ExactSolver
-
     value = float(objective(x))
     for _ in range(steps):
         g = _gradient(objective, x)
-        hessian = ExactSolver(batched_hvp(objective, x, rhs_block=256), x.numel(), SolverConfig("exact"),
-                              x.dtype, x.device).hessian()
+        hessian = dense_hessian(batched_hvp(objective, x, rhs_block=256), x.numel(), x.dtype, x.device)
         evals, evecs = torch.linalg.eigh(hessian)
         at_stationary_point = float(g.norm()) <= grad_tol
         if at_stationary_point and evals[0] > 0:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import PrecomputeError
+
 __all__ = [
     "DataError",
     "LabelledExamples",
@@ -18,7 +20,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(PrecomputeError, ValueError):
     """Bad input data. The message is one line: what is wrong, where (file/path), and how to fix it."""
 
 
