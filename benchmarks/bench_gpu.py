@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scoring import shifted_copies  # noqa: E402
 from precompute.config import DataConfig, InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
-from precompute.influence import JVP_MAX_COLUMNS, score_pretraining, stacked_test_vectors  # noqa: E402
+from precompute.influence import stacked_test_vectors  # noqa: E402
+from precompute.scoring import JVP_MAX_COLUMNS, score_pretraining  # noqa: E402
 from precompute.presets import PRESET_MODELS, build_task, load_task_data  # noqa: E402
 from precompute.training import train_stages  # noqa: E402
 

@@ -5,7 +5,7 @@ copies, then dimmed and noisy rounds of them) to ``--m`` examples and written bl
 ``x.npy`` (float32 [m, 1, 8, 8]) and ``y.npy`` (int64 [m]). The small preset model (P = 1,125) is
 trained on the originals, and the test-side vectors (``--tests`` test points x both scenarios,
 exact solves) are saved. Then each measurement runs in a fresh process that opens the features
-with ``np.load(mmap_mode="r")`` (``precompute.distributed.LazyRows``: chunks become tensors on the
+with ``np.load(mmap_mode="r")`` (``precompute.streaming.LazyRows``: chunks become tensors on the
 fly) and streams the scores into a ``write_scores_memmap`` .npy:
 
     bounded     ``score_in_blocks`` with ``--block`` examples per block; after each block the input
@@ -53,12 +53,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_gpu import augmented_blocks, digits_task  # noqa: E402
+from ranks import run_on_ranks  # noqa: E402
 from precompute.config import InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
-from precompute.distributed import (LazyRows, run_on_ranks, score_in_blocks, sharded_score_pretraining,  # noqa: E402
-                                    write_scores_memmap)
-from precompute.influence import batched_hvp, score_pretraining, stacked_test_vectors  # noqa: E402
+from precompute.curvature import batched_hvp  # noqa: E402
+from precompute.influence import stacked_test_vectors  # noqa: E402
+from precompute.scoring import (score_in_blocks, score_pretraining, sharded_score_pretraining,  # noqa: E402
+                                write_scores_memmap)
+from precompute.streaming import LazyRows  # noqa: E402
 from precompute.streaming import StreamedPretrainObjective  # noqa: E402
 from precompute.training import minimize, train_stages  # noqa: E402
 
@@ -279,7 +283,7 @@ def main() -> None:
             for sl in (slice(0, 2000), slice(task.m - 2000, task.m)):
                 small = digits_task("cpu", torch.float32)        # in-memory tensors of the sample rows
                 small.pretrain_x, small.pretrain_y = task.pretrain_x[sl], task.pretrain_y[sl]
-                # scores divide by m: score the sample with S scaled by len/m (see precompute.distributed)
+                # scores divide by m: score the sample with S scaled by len/m (see precompute.scoring)
                 sample = score_pretraining(small, p, s * ((sl.stop - sl.start) / task.m), 1000, progress=False)
                 diffs.append(float(np.abs(scores[:, sl] - sample).max() / np.abs(sample).max()))
             check[mode] = max(diffs)

@@ -1,4 +1,4 @@
-"""Scale-out (precompute.distributed): two gloo processes on 127.0.0.1 give the single-process results.
+"""Scale-out: two gloo processes on 127.0.0.1 (``ranks.run_on_ranks``) give the single-process results.
 
 One two-rank run checks scores (gathered and memory-mapped), the data-parallel HVP, the exact and
 cg solves on it, and a committed run directory; two more runs check that a failing rank (a caught
@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from precompute.config import InfluenceConfig, SolverConfig
-from precompute.distributed import (LazyRows, commit_after_barrier, distributed_pretrain_hvp,
-                                    distributed_test_vectors, raise_on_sigterm, rank_zero_writer, run_on_ranks,
-                                    score_in_blocks, shard_range, sharded_multi_stage_scores, torchrun_env,
-                                    write_scores_memmap)
+from precompute.curvature import batched_hvp, distributed_pretrain_hvp
+from precompute.distributed import commit_after_barrier, raise_on_sigterm, rank_zero_writer, shard_range, torchrun_env
 from precompute.fd_check import TIGHT, build_check_task
-from precompute.influence import batched_hvp, multi_stage_scores, score_pretraining, stacked_test_vectors
+from precompute.influence import multi_stage_scores, stacked_test_vectors
 from precompute.runstore import list_runs, open_run
+from precompute.scoring import score_in_blocks, score_pretraining, write_scores_memmap
+from precompute.streaming import LazyRows
 from precompute.training import train_stages
+from ranks import run_on_ranks
 
 TEST_IDS = [0, 1, 2]
 ALPHA = 0.1
@@ -128,15 +129,15 @@ def _minimal_run_files(writer, task, scenarios) -> dict:
 def _two_rank_checks(rank, world, task, trained, run_dir):
     out = {}
     config = influence_config()
-    scores, _ = sharded_multi_stage_scores(task, trained, TEST_IDS, config)      # vectors from rank 0
+    scores, _ = multi_stage_scores(task, trained, TEST_IDS, config)              # vectors from rank 0
     out["gathered"] = scores
     v = torch.randn(task.n_pretrain_params, 5, dtype=task.dtype, generator=torch.Generator().manual_seed(2))
     out["hvp"] = distributed_pretrain_hvp(task, trained.p)(v)
     for name in ("exact", "cg"):
-        out[name] = distributed_test_vectors(task, trained, TEST_IDS, influence_config(name))[0]
+        out[name] = stacked_test_vectors(task, trained, TEST_IDS, influence_config(name), data_parallel=True)[0]
     with rank_zero_writer(run_dir) as writer:
-        mapped, _ = sharded_multi_stage_scores(task, trained, TEST_IDS, config, distributed_solve=True,
-                                               out_dir=None if writer is None else writer.path)
+        mapped, _ = multi_stage_scores(task, trained, TEST_IDS, config, distributed_solve=True,
+                                       out_dir=None if writer is None else writer.path)
         manifest = None
         if writer is not None:
             out["mapped"] = {s: np.array(a) for s, a in mapped.items()}
@@ -183,15 +184,15 @@ def _fail_mid_scoring(rank, world, task, trained, run_dir):
         task.pretrain_x[45] = float("nan")
     with rank_zero_writer(run_dir) as writer:
         assert (writer is None) or writer.path.exists()
-        scores, _ = sharded_multi_stage_scores(task, trained, TEST_IDS, influence_config(),
-                                               out_dir=None if writer is None else writer.path)
+        scores, _ = multi_stage_scores(task, trained, TEST_IDS, influence_config(),
+                                       out_dir=None if writer is None else writer.path)
         commit_after_barrier(writer, None)
 
 
 def _crash_before_commit(rank, world, task, trained, run_dir):
     with rank_zero_writer(run_dir) as writer:
-        sharded_multi_stage_scores(task, trained, TEST_IDS, influence_config(),
-                                   out_dir=None if writer is None else writer.path)
+        multi_stage_scores(task, trained, TEST_IDS, influence_config(),
+                           out_dir=None if writer is None else writer.path)
         if rank == 1:
             raise RuntimeError("rank 1 crashed outside any agreement")
         commit_after_barrier(writer, None)

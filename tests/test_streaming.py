@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from precompute.config import InfluenceConfig, SolverConfig
-from precompute.distributed import (distributed_pretrain_hvp, pretrain_shard_objective, run_on_ranks,
-                                    score_in_blocks, shard_range)
+from precompute.curvature import distributed_pretrain_hvp, pretrain_shard_objective
+from precompute.distributed import shard_range
+from precompute.scoring import score_in_blocks
 from precompute.fd_check import TIGHT, build_check_task
 from precompute.influence import multi_stage_scores, pretrain_solver, stacked_test_vectors
 from precompute.streaming import LazyRows, StreamedPretrainObjective, pretraining_objective
 from precompute.training import pretrain, train_stages
+from ranks import run_on_ranks
 
 M = 61            # the check task's pretraining set; chunk sizes below include ones that do not divide it
 TEST_IDS = [0, 1, 2]
