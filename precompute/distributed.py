@@ -47,7 +47,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,9 +55,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import PrecomputeError
-from .runstore import RunWriter
 from .streaming import LazyRows
 from .task import TwoStageTask
+
+if TYPE_CHECKING:
+    from .runstore import RunWriter
 
 __all__ = [
     "DistEnv", "DistributedError", "torchrun_env", "init_distributed", "close_distributed",
@@ -392,6 +394,8 @@ def rank_zero_writer(out_dir: str | Path, overwrite: bool = False):
     If rank 0 cannot create it (``out_dir`` exists, bad name), every rank raises. Leaving the block
     by an exception on rank 0, or without ``commit_after_barrier``, deletes the temporary directory.
     """
+    from .runstore import RunWriter     # here, not at the top: the math layer imports this module
+
     writer, error = None, None
     if get_rank() == 0:
         try:

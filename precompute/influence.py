@@ -32,8 +32,8 @@ from torch.func import jacrev
 from tqdm.auto import tqdm
 
 from .config import InfluenceConfig, SolverConfig
+from .contract import SCORE_DEFINITION
 from .curvature import batched_hvp, distributed_pretrain_hvp
-from .runstore import SCORE_DEFINITION
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
 from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS, LinearSlot,
                       add_precision_check, directional_derivatives, linear_layer_scores, linear_slots,

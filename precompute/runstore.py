@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 import secrets
@@ -43,7 +42,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .contract import SCORE_DEFINITION
 from .errors import PrecomputeError
+from .memmaps import release_mapped_pages
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,12 +60,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-SCORE_DEFINITION = (
-    "score(z, x_t) = predicted change of the test loss of x_t if pretraining example z is removed "
-    "(and both stages retrained). score > 0: z is HELPFUL (removing it raises the loss); "
-    "score < 0: HARMFUL."
-)
 
 REQUIRED_MANIFEST_KEYS: tuple[str, ...] = (
     "format_version",
@@ -303,22 +298,6 @@ def _validate(run_dir: Path, manifest: dict, label: str) -> None:
         _, cols = _parquet_meta(rel_exists("cleaning/signals.parquet"))
         if "id" not in cols:
             fail("cleaning/signals.parquet lacks column id")
-
-
-def release_mapped_pages(array) -> None:
-    """Drop a memory map's pages from this process's resident set (MADV_DONTNEED); no-op for
-    anything that is not backed by a map.
-
-    Safe for shared file maps: written pages stay dirty in the page cache and reach the file (flush
-    once at the end); later reads fault pages back in.
-    """
-    mm = getattr(array, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):
-        pass
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .runstore import release_mapped_pages
+from .memmaps import release_mapped_pages
 from .task import TwoStageTask
 
 DEFAULT_CHUNK = 4096
