@@ -53,9 +53,10 @@ import torch
 from torch import Tensor
 
 from .config import CleaningConfig, InfluenceConfig
-from .influence import per_example_gradients, pretrain_solver, score_pretraining, stacked_test_vectors
+from .influence import pretrain_solver, score_pretraining, stacked_test_vectors
 from .retraining import Retrainer, retrain, solve_stage
-from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
+from .scoring import self_influence
+from .solvers import InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -134,35 +135,6 @@ def audit_split(n_test: int, fraction: float, seed: int = 0) -> tuple[np.ndarray
     order = np.random.default_rng((seed, 0xA0D1)).permutation(n_test)
     k = n_test if fraction >= 1 else min(n_test - 1, max(1, int(round(fraction * n_test))))
     return np.sort(order[:k]), np.sort(order[k:])
-
-
-def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size: int = 256) -> np.ndarray:
-    """g_zᵀ (H_P + λI)⁻¹ g_z for every pretraining example, float64 [m], streamed in chunks.
-
-    exact:   H = V Λ Vᵀ once, then ‖(Λ + λ)^{-1/2} Vᵀ g‖² per example (exact).
-    arnoldi: the same on the kept rank-r eigenpairs: the part of g outside the top-r subspace is
-             dropped (an underestimate, as for the scores).
-    cg/lissa: one batched solve per chunk, g · solve(g) (chunk_size right-hand sides per solve).
-    """
-    if isinstance(solver, ExactSolver):
-        evals, evecs = solver.eigh()
-    elif isinstance(solver, ArnoldiSolver):
-        evals, evecs = solver.factorise()
-    else:
-        evals = evecs = None
-    if evecs is not None:
-        scale = (evals + solver.damping).rsqrt()
-    out = np.empty(task.m)
-    with torch.no_grad():
-        for start in range(0, task.m, chunk_size):
-            sl = slice(start, min(start + chunk_size, task.m))
-            g = per_example_gradients(task, p, task.pretrain_x[sl], task.pretrain_y[sl])       # [B, P]
-            if evecs is not None:
-                value = ((g @ evecs) * scale).square().sum(1)
-            else:
-                value = (g * solver.solve(g.T)[0].T).sum(1)
-            out[sl] = value.cpu().numpy()
-    return out
 
 
 def _pretrain_logits(task: TwoStageTask, p: Tensor) -> Tensor:

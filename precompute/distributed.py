@@ -365,8 +365,9 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 def gather_columns(local: np.ndarray, m: int) -> np.ndarray | None:
-    """Rank 0 gets [T, m]: every rank's float32 [T, len(shard_range(m, rank, world))] block, side by
-    side in rank order; other ranks get None. Outside a process group, ``local`` itself.
+    """Rank 0 gets [T, m]: every rank's [T, len(shard_range(m, rank, world))] block (one dtype on
+    every rank), side by side in rank order; other ranks get None. Outside a process group,
+    ``local`` itself.
 
     Shards differ in width by at most one, so each travels padded to the widest (``dist.gather``
     needs equal shapes) and is cut back on rank 0."""
@@ -375,8 +376,9 @@ def gather_columns(local: np.ndarray, m: int) -> np.ndarray | None:
     rank, world = get_rank(), get_world_size()
     widths = [s.stop - s.start for s in (shard_range(m, r, world) for r in range(world))]
     cdev = collective_device()
-    send = torch.zeros(local.shape[0], max(widths), dtype=torch.float32, device=cdev)
-    send[:, : local.shape[1]] = torch.from_numpy(local).to(cdev)
+    block = torch.from_numpy(np.ascontiguousarray(local))
+    send = torch.zeros(local.shape[0], max(widths), dtype=block.dtype, device=cdev)
+    send[:, : local.shape[1]] = block.to(cdev)
     gathered = [torch.empty_like(send) for _ in range(world)] if rank == 0 else None
     dist.gather(send, gather_list=gathered, dst=0)
     if rank != 0:

@@ -4,7 +4,7 @@ Builds a tiny float64 two-stage model on real digits (8x8 pooled to 4x4), trains
 machine precision (L-BFGS, then dense Newton), and compares, for several (pretraining example,
 test point) pairs and both scenarios, the formula's d f / d w_z = −score(z, t) with a central finite
 difference of the whole pipeline: re-pretrain with weight 1 ± h on z (denominator m fixed),
-re-finetune, re-evaluate the test loss.
+re-finetune, re-evaluate f (the test loss, or the task's ``measurement``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import InfluenceConfig, SolverConfig, TrainConfig
 from .influence import multi_stage_scores
-from .task import TwoStageTask
+from .task import Measurement, TwoStageTask
 from .training import TrainedStages, finetune_fixed, finetune_updated, pretrain, train_stages
 
 TOLERANCE = 1e-4
@@ -56,14 +56,15 @@ def build_check_task(seed: int = 0, n_pretrain: int = 60, n_finetune: int = 40, 
 
 def pipeline_test_loss(task: TwoStageTask, trained: TrainedStages, scenario: str, z: int, weight: float,
                        test_id: int) -> float:
-    """f(x_t) after re-pretraining with w_z = weight (others 1) and re-finetuning, warm-started."""
+    """f(x_t) (``task.test_measurement``) after re-pretraining with w_z = weight (others 1) and
+    re-finetuning, warm-started."""
     weights = torch.ones(task.m, dtype=task.dtype)
     weights[z] = weight
     p = pretrain(task, NEWTON, weights=weights, p0=trained.p, desc=None).params
     fixed = finetune_fixed(task, p, NEWTON, u0=trained.q("fixed")[task.n_theta:], desc=None).params
     q = fixed if scenario == "fixed" else finetune_updated(
         task, p, trained.alpha, NEWTON, q0=trained.q(scenario), desc=None).params
-    return float(task.test_loss(q, torch.tensor([test_id]))[0])
+    return float(task.test_measurement(q, torch.tensor([test_id]))[0])
 
 
 @dataclass
@@ -81,9 +82,11 @@ class CheckResult:
 
 
 def run_check(test_ids: tuple[int, ...] = (0, 1, 2), per_test: int = 2, alpha: float = 1.0,
-              step: float = 1e-3, seed: int = 0) -> CheckResult:
-    """Formula vs central finite difference for the ``per_test`` largest-|score| examples of each test id."""
+              step: float = 1e-3, seed: int = 0, measurement: Measurement | None = None) -> CheckResult:
+    """Formula vs central finite difference for the ``per_test`` largest-|score| examples of each
+    test id; f is the test loss, or ``measurement`` (e.g. ``precompute.task.correct_class_margin``)."""
     task = build_check_task(seed)
+    task.measurement = measurement
     trained = train_stages(task, TIGHT, alpha, progress=False)
     exact = SolverConfig("exact")
     config = InfluenceConfig(alpha=alpha, pretrain_solver=exact, finetune_solver=exact)

@@ -70,12 +70,14 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
-    """∇_q f_t for each test id, [Q, T]; raises if a test loss is not finite."""
-    losses = task.test_loss(q, test_ids)
-    if not torch.isfinite(losses).all():
-        raise TaskError("finetune_loss is non-finite on test id(s) "
-                        f"{test_ids[~torch.isfinite(losses)].tolist()}; check those inputs")
-    return jacrev(lambda qq: task.test_loss(qq, test_ids))(q.detach()).T
+    """∇_q f_t for each test id, [Q, T] (f: ``task.test_measurement``, the test loss by default);
+    raises if a value is not finite."""
+    values = task.test_measurement(q, test_ids)
+    if not torch.isfinite(values).all():
+        what = "finetune_loss" if task.measurement is None else "measurement"
+        raise TaskError(f"{what} is non-finite on test id(s) "
+                        f"{test_ids[~torch.isfinite(values)].tolist()}; check those inputs")
+    return jacrev(lambda qq: task.test_measurement(qq, test_ids))(q.detach()).T
 
 
 @dataclass
@@ -174,8 +176,8 @@ def solve_progress(enabled: bool) -> tqdm:
 
 
 def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
-                       progress: bool = True, out_dir: str | Path | None = None,
-                       distributed_solve: bool = False) -> tuple[dict[str, np.ndarray] | None, dict[str, dict]]:
+                       progress: bool = True, out_dir: str | Path | None = None, distributed_solve: bool = False,
+                       solver: InverseHVP | None = None) -> tuple[dict[str, np.ndarray] | None, dict[str, dict]]:
     """Scores [T, m] float32 per scenario for the given finetune test ids, with solver diagnostics.
 
     All scenarios share one streamed pass: their test-side vectors are stacked column-wise. Works
@@ -184,9 +186,10 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
     ``writer.path`` of a ``rank_zero_writer``): scores go straight to
     ``out_dir/scores/<scenario>.npy`` memory maps instead of memory. ``distributed_solve``: the
     pretraining solve runs on every rank with the data-parallel HVP (else on rank 0 alone).
+    ``solver``: a pretraining solver to reuse (see ``stacked_test_vectors``).
     """
     ids = task.check_test_ids(test_ids)
-    vectors, diagnostics = stacked_test_vectors(task, trained, ids, config, progress=progress,
+    vectors, diagnostics = stacked_test_vectors(task, trained, ids, config, solver=solver, progress=progress,
                                                 data_parallel=distributed_solve)
     stacked = torch.cat([vectors[s] for s in config.scenarios], dim=1)
     out_dir = broadcast_object(None if out_dir is None else Path(out_dir))

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .config import InfluenceConfig
 from .distributed import (agree, broadcast_object, broadcast_vectors, gather_columns, get_rank, get_world_size,
                           shard_range, shard_task)
+from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
 from .streaming import release_pages
 from .task import TaskError, TwoStageTask
 
@@ -231,6 +232,35 @@ def precision_check(task: TwoStageTask, p: Tensor, vectors: dict[str, Tensor], s
     return out
 
 
+def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size: int = 256) -> np.ndarray:
+    """g_zᵀ (H_P + λI)⁻¹ g_z for every pretraining example, float64 [m], streamed in chunks.
+
+    exact:   H = V Λ Vᵀ once, then ‖(Λ + λ)^{-1/2} Vᵀ g‖² per example (exact).
+    arnoldi: the same on the kept rank-r eigenpairs: the part of g outside the top-r subspace is
+             dropped (an underestimate, as for the scores).
+    cg/lissa: one batched solve per chunk, g · solve(g) (chunk_size right-hand sides per solve).
+    """
+    if isinstance(solver, ExactSolver):
+        evals, evecs = solver.eigh()
+    elif isinstance(solver, ArnoldiSolver):
+        evals, evecs = solver.factorise()
+    else:
+        evals = evecs = None
+    if evecs is not None:
+        scale = (evals + solver.damping).rsqrt()
+    out = np.empty(task.m)
+    with torch.no_grad():
+        for start in range(0, task.m, chunk_size):
+            sl = slice(start, min(start + chunk_size, task.m))
+            g = per_example_gradients(task, p, task.pretrain_x[sl], task.pretrain_y[sl])       # [B, P]
+            if evecs is not None:
+                value = ((g @ evecs) * scale).square().sum(1)
+            else:
+                value = (g * solver.solve(g.T)[0].T).sum(1)
+            out[sl] = value.cpu().numpy()
+    return out
+
+
 # ---- memory-mapped output, blocks and shards ----------------------------------------------------------
 
 def write_scores_memmap(path: str | Path, shape: tuple[int, int], mode: str = "w+") -> np.memmap:
@@ -376,5 +406,5 @@ def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Ten
 
 __all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "LinearSlot", "PRECISION_SAMPLE", "SCORING_METHODS",
            "add_precision_check", "directional_derivatives", "linear_layer_scores", "linear_slots",
-           "per_example_gradients", "precision_check", "score_in_blocks", "score_pretraining",
+           "per_example_gradients", "precision_check", "score_in_blocks", "score_pretraining", "self_influence",
            "sharded_score_pretraining", "write_scores_memmap"]

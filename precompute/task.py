@@ -29,6 +29,9 @@ from .errors import PrecomputeError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(outputs [B, ...], targets [B]) -> per-example losses [B]."""
 
+Measurement = Callable[[Tensor, Tensor], Tensor]
+"""(finetune outputs [T, ...], targets [T]) -> the value f(x_t) influence explains, [T]."""
+
 
 class TaskError(PrecomputeError, ValueError):
     """A task was filled in wrongly (shapes, losses, ids); the message names the problem."""
@@ -37,6 +40,20 @@ class TaskError(PrecomputeError, ValueError):
 def cross_entropy_per_example(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-example cross-entropy, [B, C] x [B] -> [B] (nats)."""
     return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def correct_class_margin(logits: Tensor, targets: Tensor) -> Tensor:
+    """A ``Measurement``: logit of the true class minus the largest other logit, [T, C] x [T] -> [T]."""
+    true = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.masked_fill(nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
+    return true - others.amax(1)
+
+
+def class_log_probability(cls: int) -> Measurement:
+    """A ``Measurement``: log p(cls | x_t) under the finetuned model (the targets are ignored)."""
+    def measure(logits: Tensor, targets: Tensor) -> Tensor:
+        return torch.log_softmax(logits, dim=1)[:, cls]
+    return measure
 
 
 class ParamLayout:
@@ -80,6 +97,10 @@ class TwoStageTask:
     test_x/y:      finetune test examples; influence is computed for chosen rows of these.
     pretrain_loss, finetune_loss: per-example losses (see ``LossFn``), cross-entropy by default.
     pretrain_l2:   λ_P on all of (θ, W).   finetune_l2: λ_F on U.
+    measurement:   f(x_t), what influence explains (see ``Measurement``); None: the test loss
+                   ℓ_F(x_t). Scores are always the predicted change of f if z is removed, so for
+                   a measurement where higher is better (``correct_class_margin``,
+                   ``class_log_probability``) a NEGATIVE score marks a helpful z.
     """
 
     embedding: nn.Module
@@ -95,6 +116,7 @@ class TwoStageTask:
     finetune_loss: LossFn = cross_entropy_per_example
     pretrain_l2: float = 1e-3
     finetune_l2: float = 1e-3
+    measurement: Measurement | None = None
     theta_layout: ParamLayout = field(init=False)
     w_layout: ParamLayout = field(init=False)
     u_layout: ParamLayout = field(init=False)
@@ -212,6 +234,13 @@ class TwoStageTask:
         """f(x_t) = ℓ_F(x_t; q) for the given test rows, [T]."""
         return self.finetune_losses(q, self.test_x[test_ids], self.test_y[test_ids])
 
+    def test_measurement(self, q: Tensor, test_ids: Tensor) -> Tensor:
+        """f(x_t) for the given test rows, [T]: ``measurement`` if set, else the test loss."""
+        if self.measurement is None:
+            return self.test_loss(q, test_ids)
+        x, y = self.test_x[test_ids], self.test_y[test_ids]
+        return _checked_losses(self.measurement(self.finetune_outputs(q, x), y), len(x), "measurement")
+
     def check_test_ids(self, test_ids) -> Tensor:
         ids = torch.as_tensor(test_ids, dtype=torch.long).reshape(-1)
         n = len(self.test_x)
@@ -236,7 +265,8 @@ class TwoStageTask:
 def _checked_losses(losses: Tensor, batch: int, name: str) -> Tensor:
     if losses.shape != (batch,):
         raise TaskError(
-            f"{name} must return one loss per example (shape [{batch}]), got shape {tuple(losses.shape)}; "
+            f"{name} must return one {'value' if name == 'measurement' else 'loss'} per example "
+            f"(shape [{batch}]), got shape {tuple(losses.shape)}; "
             "use reduction='none'")
     # Finiteness is checked where values are concrete (training, test losses, score chunks):
     # inside vmap/grad transforms a data-dependent check is not allowed.

@@ -190,6 +190,37 @@ class TrainedStages:
     def q(self, scenario: str) -> Tensor:
         return self.finetune[scenario].params
 
+    @classmethod
+    def from_params(cls, task: TwoStageTask, p: Tensor, q: dict[str, Tensor], alpha: float = 0.1,
+                    grad_tol: float = TrainConfig.grad_tol) -> "TrainedStages":
+        """Already-trained weights: p = [θ*; W] [P] and, per scenario, q = [θ; U] [Q].
+
+        ``task.pretrain_params_from`` / ``finetune_params_from`` build the flat vectors from state
+        dicts. Each stage records its objective and gradient norm (``converged``: ‖∇‖ ≤ grad_tol),
+        because influence assumes a minimum; "fixed" must reuse θ* (the embedding was frozen) and
+        "updated" needs the proximal α it was finetuned with.
+        """
+        p = p.detach().to(task.device, task.dtype)
+        q = {s: v.detach().to(task.device, task.dtype) for s, v in q.items()}
+        for s, qs in q.items():
+            task.validate(p, qs)
+            if s not in ("fixed", "updated"):
+                raise TaskError(f"unknown scenario {s!r}; use 'fixed' and/or 'updated'")
+        if "fixed" in q and not torch.equal(task.theta_of(q["fixed"]), task.theta_of(p)):
+            raise TaskError("scenario 'fixed' keeps the pretrained embedding: q['fixed'][:Pθ] must equal p[:Pθ]")
+        anchor = task.theta_of(p)
+        objectives = {"fixed": task.finetune_objective, "updated": lambda qq: task.finetune_objective(qq, anchor, alpha)}
+
+        def result(objective: Objective, x: Tensor, free: slice) -> TrainResult:
+            gnorm = float(_gradient(objective, x)[free].norm())
+            return TrainResult(x, float(objective(x)), gnorm, 0, gnorm <= grad_tol)
+
+        pre = result(pretraining_objective(task), p, slice(None))
+        # "fixed" optimises U only: its stationarity is that of the U block
+        finetuned = {s: result(objectives[s], qs, slice(task.n_theta, None) if s == "fixed" else slice(None))
+                     for s, qs in q.items()}
+        return cls(pre, finetuned, alpha)
+
 
 def train_stages(task: TwoStageTask, config: TrainConfig, alpha: float,
                  scenarios: tuple[str, ...] = ("fixed", "updated"), progress: bool = True) -> TrainedStages:

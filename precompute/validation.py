@@ -139,7 +139,8 @@ def _group_size(percent: float, m: int) -> int:
 
 def _readouts(task: TwoStageTask, result: RetrainResult, scenario: str, ids: Tensor,
               chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Test losses at ``ids`` [B, T] and accuracy over the whole finetune test set [B] per model.
+    """Test measurements (``task.test_measurement``: the loss by default) at ``ids`` [B, T] and accuracy
+    over the whole finetune test set [B] per model.
 
     Accuracy is argmax-of-outputs for [N, C] outputs, nan for any other output shape.
     """
@@ -148,7 +149,7 @@ def _readouts(task: TwoStageTask, result: RetrainResult, scenario: str, ids: Ten
     with torch.no_grad():
         for i in range(0, len(q_all), chunk):
             q = q_all[i: i + chunk]
-            losses.append(vmap(lambda qq: task.test_loss(qq, ids))(q))
+            losses.append(vmap(lambda qq: task.test_measurement(qq, ids))(q))
             out = vmap(lambda qq: task.finetune_outputs(qq, task.test_x))(q)
             if out.dim() == 3 and out.shape[-1] > 1:
                 accs.append((out.argmax(-1) == task.test_y).to(torch.float64).mean(1))
