@@ -1,4 +1,4 @@
-"""Plotly figure builders and the statistics they show. Pure functions (no Streamlit)."""
+"""Plotly figure builders. Pure functions (no Streamlit); the statistics come from ``precompute.metrics``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from explorer.render import HARMFUL, HELPFUL, KIND_COLORS, KIND_LABELS, NEUTRAL, RANDOM
+from precompute.metrics import detection_curve, fit_summary as fit_stats  # noqa: F401 (pages use these names)
 
 KIND_ORDER = ("helpful", "harmful", "random")
 _FONT = dict(family="Source Sans, Source Sans Pro, sans-serif", size=14)
@@ -36,27 +37,6 @@ def _layout(fig: go.Figure, *, height: int = 380, title: str | None = None, **kw
 
 # ------------------------------------------------------------------------------------------------
 # statistics
-
-
-def fit_stats(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Pearson, Spearman and least-squares slope of y on x (NaN when undefined), and n."""
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    n = int(x.size)
-    out = {"pearson": math.nan, "spearman": math.nan, "slope": math.nan, "n_pairs": n}
-    if n < 2 or np.std(x) == 0:
-        return out
-    out["slope"] = float(np.polyfit(x, y, 1)[0])
-    if np.std(y) == 0:
-        return out
-    out["pearson"] = float(np.corrcoef(x, y)[0, 1])
-    rx = pd.Series(x).rank().to_numpy()
-    ry = pd.Series(y).rank().to_numpy()
-    if np.std(rx) > 0 and np.std(ry) > 0:
-        out["spearman"] = float(np.corrcoef(rx, ry)[0, 1])
-    return out
 
 
 def fmt_stat(v) -> str:
@@ -302,20 +282,6 @@ _EXTRA_COLORS = ("#F0E442", "#882255", "#44AA99", "#117733")
 
 def signal_color(name: str, i: int = 0) -> str:
     return SIGNAL_COLORS.get(name, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
-
-
-def detection_curve(scores: np.ndarray, positives: np.ndarray, points: int = 201) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction inspected, fraction of positives found) when inspecting by descending score.
-
-    Evaluated at ``points`` evenly spaced fractions from 0 to 1 (ties broken by lower index); the
-    values are exact at those fractions, so the curve stays small for any m.
-    """
-    pos = np.asarray(positives, bool)
-    s = np.where(np.isfinite(np.asarray(scores, float)), np.asarray(scores, float), -np.inf)
-    order = np.lexsort((np.arange(len(pos)), -s))
-    found = np.concatenate([[0], np.cumsum(pos[order])]) / max(1, int(pos.sum()))
-    fractions = np.linspace(0.0, 1.0, points)
-    return fractions, found[np.round(fractions * len(pos)).astype(int)]
 
 
 def detection_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],

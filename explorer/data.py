@@ -15,6 +15,7 @@ import streamlit as st
 
 from explorer import render
 from explorer.state import RunKey, run_from_key
+from precompute.metrics import detection_curve
 
 THUMB = 48
 
@@ -291,8 +292,6 @@ def flagged_csv(key: RunKey, ids: list[int], rank_by: str, scenario: str, test_i
 @st.cache_data(show_spinner=False, max_entries=16)
 def detection_curves(key: RunKey, points: int = 201) -> dict[str, tuple[list[float], list[float]]] | None:
     """{signal: (fraction inspected, fraction of flipped found)}; None without signals or ground truth."""
-    from explorer.charts import detection_curve
-
     run = run_from_key(key)
     sig, table = run.cleaning_signals(), run.pretrain_table()
     if sig is None or "flipped" not in table or not table["flipped"].any():

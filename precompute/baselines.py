@@ -26,10 +26,10 @@ from torch import Tensor
 
 from .config import SolverConfig, ValidationConfig
 from .influence import gradients_at_test_points, per_example_gradients, pretrain_solver, score_pretraining
+from .metrics import pearson, spearman
 from .solvers import InverseHVP
 from .task import TwoStageTask
 from .training import TrainedStages
-from .validation import pearson, spearman
 
 BASELINES = ("pretrain_loss", "predictive_entropy", "grad_dot", "grad_cosine", "embedding_similarity",
              "single_stage")

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from .config import CleaningConfig, InfluenceConfig
 from .influence import pretrain_solver, score_pretraining, stacked_test_vectors
+from .metrics import auc, detection_curve, recall_at, top_fraction
 from .retraining import Retrainer, retrain, solve_stage
 from .scoring import self_influence
 from .solvers import InverseHVP
@@ -270,38 +271,6 @@ def signal_columns(signals: pd.DataFrame) -> list[str]:
 
 
 # ---- detection ------------------------------------------------------------------------------------
-
-def auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties count ½ (Mann-Whitney U)."""
-    s = np.asarray(scores, np.float64)
-    pos = np.asarray(positives, bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(s).rank(method="average").to_numpy()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def top_fraction(scores: np.ndarray, percent: float) -> np.ndarray:
-    """Indices of the top ``percent`` % by score (at least 1), highest first, ties by lower id."""
-    s = np.asarray(scores, np.float64)
-    k = max(1, int(round(len(s) * percent / 100)))
-    return np.lexsort((np.arange(len(s)), -s))[:k]
-
-
-def recall_at(scores: np.ndarray, positives: np.ndarray, percent: float) -> float:
-    """Fraction of the positives found among the top ``percent`` % by score."""
-    pos = np.asarray(positives, bool)
-    return float(pos[top_fraction(scores, percent)].sum() / max(1, pos.sum()))
-
-
-def detection_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction inspected, fraction of positives found), both [m + 1] from 0 to 1, inspecting by score."""
-    pos = np.asarray(positives, bool)
-    order = np.lexsort((np.arange(len(pos)), -np.asarray(scores, np.float64)))
-    found = np.concatenate([[0], np.cumsum(pos[order])]) / max(1, pos.sum())
-    return np.arange(len(pos) + 1) / len(pos), found
-
 
 def detection_metrics(signals: pd.DataFrame, flipped: np.ndarray,
                       harmful_scores: np.ndarray | None = None, top: int = TOP_HARMFUL) -> dict:

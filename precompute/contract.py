@@ -13,3 +13,11 @@ SCORE_DEFINITION = (
     "(and both stages retrained). score > 0: z is HELPFUL (removing it raises the loss); "
     "score < 0: HARMFUL."
 )
+
+# Columns every run's tables hold (``precompute.runstore`` refuses a run that lacks one).
+PRETRAIN_COLUMNS = ("id", "label", "label_name", "source", "pretrain_loss", "predicted_label")
+TEST_COLUMNS = ("id", "label", "label_name", "source")      # + pred_<s>, loss_<s>, correct_<s> per scenario
+NOISE_COLUMNS = ("original_label", "flipped")               # pretrain.parquet of runs with label noise
+PAIRS_COLUMNS = ("scenario", "test_id", "pretrain_id", "kind", "predicted", "actual", "grad_norm", "converged")
+GROUP_COLUMNS = ("scenario", "test_id", "kind", "percent", "n_removed", "predicted", "actual", "accuracy_change",
+                 "converged")

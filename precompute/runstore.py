@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .contract import SCORE_DEFINITION
+from .contract import (GROUP_COLUMNS, NOISE_COLUMNS, PAIRS_COLUMNS, PRETRAIN_COLUMNS, SCORE_DEFINITION,
+                       TEST_COLUMNS)
 from .errors import PrecomputeError
 from .memmaps import release_mapped_pages
 
@@ -90,16 +91,6 @@ REQUIRED_MANIFEST_KEYS: tuple[str, ...] = (
 )
 
 MODALITIES = ("image", "text")
-
-PRETRAIN_COLUMNS = ("id", "label", "label_name", "source", "pretrain_loss", "predicted_label")
-TEST_COLUMNS = ("id", "label", "label_name", "source")
-PAIRS_COLUMNS = (
-    "scenario", "test_id", "pretrain_id", "kind", "predicted", "actual", "grad_norm", "converged",
-)
-GROUP_COLUMNS = (
-    "scenario", "test_id", "kind", "percent", "n_removed", "predicted", "actual", "accuracy_change",
-)
-NOISE_COLUMNS = ("original_label", "flipped")
 
 _SCENARIO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

@@ -22,60 +22,14 @@ from torch import Tensor
 from torch.func import vmap
 
 from .config import ValidationConfig
+from .contract import GROUP_COLUMNS
+from .contract import PAIRS_COLUMNS as PAIR_COLUMNS
+from .metrics import average_ranks, fit_summary, pearson, slope, spearman
 from .retraining import HISTORY, MAX_HALVINGS, RetrainResult, retrain
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
-PAIR_COLUMNS = ["scenario", "test_id", "pretrain_id", "kind", "predicted", "actual", "grad_norm", "converged"]
-GROUP_COLUMNS = ["scenario", "test_id", "kind", "percent", "n_removed", "predicted", "actual",
-                 "accuracy_change", "converged"]
 KINDS = ("helpful", "harmful", "random")
-
-
-# ---- statistics (pure numpy) -------------------------------------------------------------------
-
-def pearson(x, y) -> float:
-    """Pearson correlation of two 1-D arrays; nan with fewer than 2 points or zero variance."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 2:
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    denom = np.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
-
-
-def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n of a 1-D array, ties sharing the average of their ranks (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    # Boundaries of runs of equal values; each run gets the mean of its positions (1-based).
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], x.size]
-    ranks = np.empty(x.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-def slope(predicted, actual) -> float:
-    """Least-squares slope of actual on predicted (with intercept); 1 means calibrated scores."""
-    x, y = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
-    if x.size < 2:
-        return float("nan")
-    dx = x - x.mean()
-    var = (dx * dx).sum()
-    return float((dx * (y - y.mean())).sum() / var) if var > 0 else float("nan")
-
-
-def fit_summary(predicted, actual) -> dict:
-    """{"pearson", "spearman", "slope", "n_pairs"} of actual against predicted."""
-    return {"pearson": pearson(predicted, actual), "spearman": spearman(predicted, actual),
-            "slope": slope(predicted, actual), "n_pairs": int(np.asarray(predicted).size)}
 
 
 # ---- the protocol ------------------------------------------------------------------------------

@@ -255,6 +255,7 @@ def write_synthetic_run(
                         "scenario": s, "test_id": int(t), "kind": kind, "percent": pct, "n_removed": n_rm,
                         "predicted": pred, "actual": 1.5 * pred + float(rng.normal(0, 1e-3)),
                         "accuracy_change": float(-np.sign(pred) * pct / 200 if kind != "random" else 0.0),
+                        "converged": True,
                     })
         sp = [r for r in pairs_rows if r["scenario"] == s]
         p = np.array([r["predicted"] for r in sp])

@@ -152,7 +152,7 @@ def test_statistics_match_scipy():
 
 def test_leave_one_out_pairs(validated):
     pairs = validated.pairs
-    assert list(pairs.columns) == PAIR_COLUMNS
+    assert tuple(pairs.columns) == PAIR_COLUMNS
     # 4 test points x 2 scenarios x 3 kinds x k=4
     assert len(pairs) == 4 * 2 * 3 * 4
     assert set(pairs.kind) == {"helpful", "harmful", "random"} and pairs.converged.all()
@@ -175,7 +175,7 @@ def test_leave_one_out_pairs(validated):
 
 def test_group_removal_and_lds(validated):
     group = validated.group
-    assert list(group.columns) == GROUP_COLUMNS
+    assert tuple(group.columns) == GROUP_COLUMNS
     assert len(group) == 4 * 2 * 3 * 2
     assert set(group.n_removed) == {3, 6}          # 5% and 10% of m = 60
     assert group.accuracy_change.notna().all()
