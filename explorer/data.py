@@ -15,6 +15,7 @@ import streamlit as st
 
 from explorer import render
 from explorer.state import RunKey, run_from_key
+from precompute.contract import NON_SIGNAL_COLUMNS
 from precompute.metrics import detection_curve
 
 THUMB = 48
@@ -216,7 +217,6 @@ def vocabulary(key: RunKey) -> frozenset[str] | None:
 # ------------------------------------------------------------------------------------------------
 # data cleaning (cleaning/signals.parquet, cleaning/retrain.parquet)
 
-CLEANING_NON_SIGNALS = ("id", "suggested_label", "flipped")
 RANK_BY_TEST = "test"  # rank_by value: harm to one test point (−its score row) instead of a stored signal
 
 
@@ -225,7 +225,7 @@ def cleaning_signal_names(key: RunKey) -> list[str]:
     sig = run_from_key(key).cleaning_signals()
     if sig is None:
         return []
-    return [c for c in sig.columns if c not in CLEANING_NON_SIGNALS and pd.api.types.is_float_dtype(sig[c])]
+    return [c for c in sig.columns if c not in NON_SIGNAL_COLUMNS and pd.api.types.is_float_dtype(sig[c])]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -123,10 +123,6 @@ def format_score(score: float) -> str:
     return f"{s:+.2e}"
 
 
-def kind_of_score(score: float) -> str:
-    return "helpful" if score > 0 else "harmful" if score < 0 else "random"
-
-
 # ------------------------------------------------------------------------------------------------
 # text
 

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .config import CleaningConfig, InfluenceConfig
+from .contract import NON_SIGNAL_COLUMNS
 from .influence import pretrain_solver, score_pretraining, stacked_test_vectors
 from .metrics import auc, detection_curve, recall_at, top_fraction
 from .retraining import Retrainer, retrain, solve_stage
@@ -64,7 +65,6 @@ from .training import TrainedStages
 SIGNALS = ("multi_stage_harmfulness", "multi_stage_total_harm", "self_influence", "pretrain_loss", "margin",
            "cleanlab")
 """Signal columns of ``cleaning/signals.parquet``, in display order (higher = more suspicious)."""
-NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")
 RECALL_PERCENTS = (5, 10, 20)
 TOP_HARMFUL = 20
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
+from dataclasses import Field, fields, replace
 from pathlib import Path
 
-from .presets import PRESET_MODELS
-from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig,
-                     ModelConfig, RunConfig, SolverConfig, TrainConfig, ValidationConfig)
+from .config import SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .presets import PRESET_MODELS, quick_config
 
-# (run name, preset, flag overrides): the noisy run (for the Data cleaning page) is quick-sized and
-# skips the retraining check, to keep the whole demo within 5 minutes on 2 cores.
+# (run name, preset, {flag dest: value}): the noisy run (for the Data cleaning page) is quick-sized
+# and skips the retraining check, to keep the whole demo within 5 minutes on 2 cores.
 DEMO_RUNS = (("digits", "digits", {}), ("news", "news", {}),
-             ("digits-noisy", "digits", {"label_noise": 0.1, "quick": True, "no_validate": True}))
-QUICK_VALIDATION = ValidationConfig(n_test_points=3, k=3, group_percents=(5.0, 10.0))
-QUICK_CLEANING = CleaningConfig(folds=3, percents=(5.0, 10.0))
+             ("digits-noisy", "digits", {"data.label_noise": 0.1, "quick": True, "validate": False}))
+# Flags that set several fields: one seed for data, removals and folds; one solver for both stages.
+FANOUT = {"seed": ("data.seed", "validation.seed", "cleaning.seed"),
+          "solver": ("influence.pretrain_solver", "influence.finetune_solver")}
 
 
 def check_main(argv: list[str]) -> int:
@@ -55,6 +55,60 @@ def _csv(kind=str):
     return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
 
 
+def _paths(dest: str) -> tuple[str, ...]:
+    """The dotted ``RunConfig`` field path(s) a flag's dest sets: "solver.damping" -> both solvers'."""
+    head, _, rest = dest.partition(".")
+    return tuple(f"{path}.{rest}" if rest else path for path in FANOUT.get(head, (head,)))
+
+
+def _field(path: str) -> Field:
+    """The dataclass field at a dotted path: "influence.alpha" -> InfluenceConfig.alpha."""
+    owner: type = RunConfig
+    *parents, name = path.split(".")
+    for part in parents:
+        owner = {f.name: f for f in fields(owner)}[part].default_factory     # nested configs: default_factory
+    return {f.name: f for f in fields(owner)}[name]
+
+
+def _get(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _set(config, path: str, value):
+    """``config`` with the field at ``path`` (dotted) replaced by ``value``."""
+    head, _, rest = path.partition(".")
+    return replace(config, **{head: _set(getattr(config, head), rest, value) if rest else value})
+
+
+def _default_text(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value) or "none"
+
+
+def option(dest: str, help: str | None = None, **extra) -> dict:
+    """``add_argument`` keywords for the config field(s) ``dest`` names (a dotted path in
+    ``RunConfig``, or a ``FANOUT`` name): the field's help (its metadata) with its default (and quick
+    mode's, where it differs), and its type. A bool field makes a store_true flag, or store_false
+    when ``help`` is given (a negated flag, e.g. --no-validate). The flag itself defaults to None,
+    so ``config_from_args`` sets only what was given; defaults live in ``precompute.config`` alone."""
+    path = _paths(dest)[0]
+    default, quick = _get(RunConfig(out=""), path), _get(quick_config(RunConfig(out="")), path)
+    text = help or _field(path).metadata["help"]
+    kwargs: dict = {"dest": dest, "default": None}
+    if isinstance(default, bool):
+        kwargs["action"] = "store_false" if help else "store_true"
+    else:
+        text += f" (default {_default_text(default)}" + (f"; quick {_default_text(quick)})" if quick != default else ")")
+        if "choices" not in extra:
+            kwargs["metavar"] = dest.rpartition(".")[2].upper()
+        if not isinstance(default, tuple):
+            kwargs["type"] = type(default)
+    return {**kwargs, "help": text.replace("%", "%%"), **extra}     # argparse formats help with %
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m precompute",
@@ -70,115 +124,80 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--pretrain-data); demo: digits and news into the runs root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run (the old one is kept until the new one is complete)")
-    g.add_argument("--quick", action="store_true", help="small sizes for smoke tests (each preset < 1 min)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda (default auto)")
-    g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="float64 resolves leave-one-out loss changes in the retraining check (default)")
-    g.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and random removals")
+    g.add_argument("--overwrite", **option("overwrite"))
+    g.add_argument("--quick", **option("quick"))
+    g.add_argument("--device", **option("device"))
+    g.add_argument("--dtype", choices=("float64", "float32"), **option("dtype"))
+    g.add_argument("--seed", **option("seed"))
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the preset models are small, and more threads "
                         "only spin-wait; raise it for large models)")
 
     g = p.add_argument_group("influence")
-    g.add_argument("--solver", choices=SOLVERS, default="auto",
-                   help="inverse-Hessian solver: exact (dense), cg, lissa, arnoldi; auto = exact up to 6,000 "
-                        "parameters, else cg (default auto)")
-    g.add_argument("--damping", type=float, default=0.0, help="λ added to every Hessian (default 0)")
-    g.add_argument("--rank", type=int, default=128, help="arnoldi: eigenpairs kept (default 128)")
-    g.add_argument("--max-iter", type=int, default=1000, help="cg/lissa iterations at most (default 1000)")
-    g.add_argument("--alpha", type=float, default=0.1,
-                   help="proximal coefficient α of the 'updated' scenario (default 0.1; larger keeps the "
-                        "finetuned embedding closer to the pretrained one)")
-    g.add_argument("--scenarios", type=_csv(), default=SCENARIOS, help="fixed,updated (default both)")
-    g.add_argument("--n-test", type=int, default=None,
-                   help="number of finetune test points to score, covering every class with right and "
-                        "wrong predictions (default 32, quick 6)")
-    g.add_argument("--test-ids", type=_csv(int), default=(), help="explicit finetune test ids, e.g. 0,5,9")
-    g.add_argument("--chunk-size", type=int, default=256, help="pretraining examples per scoring chunk")
-    g.add_argument("--score-precision", choices=SCORE_PRECISIONS, default="full",
-                   help="full (the model's dtype), or bfloat16/float16 autocast for the per-example "
-                        "gradients of the scoring pass (needs --dtype float32; a GPU speed-up); the run "
-                        "reports the Pearson correlation with full precision on a sample")
+    g.add_argument("--solver", choices=SOLVERS, **option("solver.name"))
+    g.add_argument("--damping", **option("solver.damping"))
+    g.add_argument("--rank", **option("solver.rank"))
+    g.add_argument("--max-iter", **option("solver.max_iter"))
+    g.add_argument("--alpha", **option("influence.alpha"))
+    g.add_argument("--scenarios", type=_csv(), **option("influence.scenarios"))
+    g.add_argument("--n-test", **option("n_test_points"))
+    g.add_argument("--test-ids", type=_csv(int), **option("test_ids"))
+    g.add_argument("--chunk-size", **option("influence.chunk_size"))
+    g.add_argument("--score-precision", choices=SCORE_PRECISIONS, **option("influence.score_precision"))
 
     g = p.add_argument_group("scale (see README: torchrun -m precompute ... shards the scoring pass)")
-    g.add_argument("--scores-to-disk", action="store_true",
-                   help="stream scores into the run directory chunk by chunk (memory maps) instead of "
-                        "holding them in memory; for very large pretraining sets")
-    g.add_argument("--rank-zero-solve", action="store_true",
-                   help="under torchrun: rank 0 solves the pretraining Hessian system over the whole set "
-                        "and broadcasts (faster for small sets; default: every rank solves together with "
-                        "a data-parallel Hessian-vector product)")
+    g.add_argument("--scores-to-disk", **option("scores_to_disk"))
+    g.add_argument("--rank-zero-solve", **option(
+        "influence.distributed_solve", "under torchrun: rank 0 solves the pretraining Hessian system over the "
+        "whole set and broadcasts (faster for small sets; default: every rank solves together with a "
+        "data-parallel Hessian-vector product)"))
 
-    g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=int, help="embedding width (default: digits 16, news 8, custom 16)")
-    g.add_argument("--pretrain-l2", type=float, help="λ_P on the pretraining parameters (default 1e-2)")
-    g.add_argument("--finetune-l2", type=float, help="λ_F on the finetuning head (default 1e-2)")
-    g.add_argument("--vocabulary", type=int, help="text: tf-idf vocabulary size (default 400)")
+    g = p.add_argument_group("model (defaults per preset: " + "; ".join(
+        f"{name} hidden {m.hidden}" + (f", vocabulary {m.vocabulary}" if name == "news" else "")
+        for name, m in PRESET_MODELS.items()) + ")")
+    g.add_argument("--hidden", **option("model.hidden"))
+    g.add_argument("--pretrain-l2", **option("model.pretrain_l2"))
+    g.add_argument("--finetune-l2", **option("model.finetune_l2"))
+    g.add_argument("--vocabulary", **option("model.vocabulary"))
 
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=None,
-                   help="L-BFGS iterations at most per stage (default 3000); lower it for very large "
-                        "pretraining sets, where each iteration is a pass over the data")
-    g.add_argument("--newton-steps", type=int, default=None,
-                   help="Newton polish steps after L-BFGS (default 10; each costs about P/256 passes "
-                        "over the pretraining set; 0 turns it off)")
+    g.add_argument("--train-iters", **option("train.max_iter"))
+    g.add_argument("--newton-steps", **option("train.newton_polish"))
 
     g = p.add_argument_group("validation by retraining")
-    g.add_argument("--no-validate", action="store_true", help="skip retraining validation and baselines")
-    g.add_argument("--val-points", type=int, default=None, help="validation test points (default 8, quick 3)")
-    g.add_argument("--k", type=int, default=None, help="leave-one-out removals per kind (default 8, quick 3)")
-    g.add_argument("--group-percents", type=_csv(float), default=None, help="group removal sizes (default 1,2,5,10)")
-    g.add_argument("--lds", action="store_true", help="also compute the linear datamodeling score")
+    g.add_argument("--no-validate", **option("validate", "skip retraining validation and baselines"))
+    g.add_argument("--val-points", **option("validation.n_test_points"))
+    g.add_argument("--k", **option("validation.k"))
+    g.add_argument("--group-percents", type=_csv(float), **option("validation.group_percents"))
+    g.add_argument("--lds", **option("validation.lds"))
 
     g = p.add_argument_group("your own data (--preset custom)")
-    g.add_argument("--pretrain-data", default="", help="image folder root/<class>/*.png, a .csv/.jsonl text "
-                                                        "file, or MNIST IDX files as IMAGES,LABELS")
-    g.add_argument("--finetune-data", default="", help="same formats; omit to split --pretrain-data by classes")
-    g.add_argument("--pretrain-classes", type=_csv(), default=(), help="class names of the pretraining task")
-    g.add_argument("--finetune-classes", type=_csv(), default=(), help="class names of the finetuning task")
-    g.add_argument("--text-column", default="text", help="text column of CSV/JSONL files (default text)")
-    g.add_argument("--label-column", default="label", help="label column of CSV/JSONL files (default label)")
-    g.add_argument("--finetune-test-fraction", type=float, default=0.5, help="finetune examples held out as test points")
-    g.add_argument("--label-noise", type=float, default=0.0,
-                   help="flip this fraction of pretraining labels (recorded, to score mislabel detection; "
-                        "turns on --clean)")
-    g.add_argument("--clean", action="store_true",
-                   help="rank pretraining examples by mislabel signals (multi-stage harm, self-influence, "
-                        "loss, margin, cleanlab) and clean-and-retrain")
+    g.add_argument("--pretrain-data", **option("data.pretrain_data"))
+    g.add_argument("--finetune-data", **option("data.finetune_data"))
+    g.add_argument("--pretrain-classes", type=_csv(), **option("data.pretrain_classes"))
+    g.add_argument("--finetune-classes", type=_csv(), **option("data.finetune_classes"))
+    g.add_argument("--text-column", **option("data.text_column"))
+    g.add_argument("--label-column", **option("data.label_column"))
+    g.add_argument("--finetune-test-fraction", **option("data.finetune_test_fraction"))
+    g.add_argument("--label-noise", **option("data.label_noise"))
+    g.add_argument("--clean", **option("clean"))
     return p
 
 
 def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConfig:
-    solver = SolverConfig(args.solver, damping=args.damping, rank=args.rank, max_iter=args.max_iter)
-    validation = QUICK_VALIDATION if args.quick else ValidationConfig()
-    validation = replace(validation, seed=args.seed, lds=args.lds,
-                         **{k: v for k, v in (("n_test_points", args.val_points), ("k", args.k),
-                                              ("group_percents", args.group_percents)) if v is not None})
-    return RunConfig(
-        out=out,
-        data=DataConfig(preset=preset, pretrain_data=args.pretrain_data, finetune_data=args.finetune_data,
-                        pretrain_classes=args.pretrain_classes, finetune_classes=args.finetune_classes,
-                        text_column=args.text_column, label_column=args.label_column,
-                        finetune_test_fraction=args.finetune_test_fraction, label_noise=args.label_noise,
-                        seed=args.seed),
-        model=replace(PRESET_MODELS.get(preset, ModelConfig()),
-                      **{k: v for k, v in (("hidden", args.hidden), ("pretrain_l2", args.pretrain_l2),
-                                           ("finetune_l2", args.finetune_l2), ("vocabulary", args.vocabulary))
-                         if v is not None}),
-        train=replace(TrainConfig() if args.dtype == "float64" else TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4),
-                      **{k: v for k, v in (("max_iter", args.train_iters), ("newton_polish", args.newton_steps))
-                         if v is not None}),
-        influence=InfluenceConfig(scenarios=tuple(args.scenarios), alpha=args.alpha, pretrain_solver=solver,
-                                  finetune_solver=solver, chunk_size=args.chunk_size,
-                                  distributed_solve=not args.rank_zero_solve,
-                                  score_precision=args.score_precision),
-        validation=validation, cleaning=replace(QUICK_CLEANING if args.quick else CleaningConfig(), seed=args.seed),
-        clean=args.clean, device=args.device, dtype=args.dtype,
-        n_test_points=args.n_test or (6 if args.quick else 32), test_ids=tuple(args.test_ids),
-        validate=not args.no_validate, quick=args.quick, overwrite=args.overwrite,
-        scores_to_disk=args.scores_to_disk)
+    """The dataclasses' defaults, the preset's model, float32 training tolerances and quick mode,
+    then every flag given (a dest is a dotted field path or a ``FANOUT`` name)."""
+    config = RunConfig(out=out, data=DataConfig(preset=preset), model=PRESET_MODELS.get(preset, ModelConfig()))
+    if args.dtype == "float32":                    # float32 cannot reach the float64 tolerances
+        config = replace(config, train=TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4))
+    if args.quick:
+        config = quick_config(config)
+    for dest, value in vars(args).items():
+        if value is None or _paths(dest)[0].split(".")[0] not in {f.name for f in fields(RunConfig)}:
+            continue                               # not given, or not a config field (preset, out, threads)
+        for path in _paths(dest):
+            config = _set(config, path, value)
+    return config
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -189,7 +208,7 @@ def pipeline_main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(max(1, args.threads))
     try:
-        init_distributed(args.device)               # joins torchrun's process group; no-op otherwise
+        init_distributed(args.device or RunConfig.device)   # joins torchrun's process group; no-op otherwise
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,17 +1,27 @@
 """Every knob of the project, with its default and meaning, in one place.
 
-The CLI (``python -m precompute``) maps its flags onto these dataclasses; library users build them
+The CLI (``python -m precompute``) maps its flags onto these dataclasses and reads each flag's
+default and help from here (``knob``: the help is the field's metadata); library users build them
 directly. All are frozen so that a config can be recorded in a run's manifest as it was used.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
+DEFAULT_L2 = 1e-2
+"""λ of both stages' L2 terms unless set (``TwoStageTask``, ``ModelConfig``): on the preset models
+it keeps the smallest Hessian eigenvalue near 1e-4 rather than 1e-5, so solves and retraining
+converge; the paper's setting is a small positive λ too (influence needs a strict minimum)."""
+
+
+def knob(default, help: str):
+    """A dataclass field with a command-line help text (``precompute.cli`` reads both)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -35,11 +45,12 @@ class SolverConfig:
     seed:     seed of the random start vectors of power iteration, Lanczos and Arnoldi.
     """
 
-    name: str = "auto"
-    damping: float = 0.0
-    max_iter: int = 1000
+    name: str = knob("auto", "inverse-Hessian solver: exact (dense), cg, lissa, arnoldi; auto = exact up to "
+                             f"{AUTO_EXACT_MAX_DIM:,} parameters, else cg")
+    damping: float = knob(0.0, "λ added to every Hessian")
+    max_iter: int = knob(1000, "cg/lissa iterations at most")
     tol: float = 1e-6
-    rank: int = 128
+    rank: int = knob(128, "arnoldi: eigenpairs kept")
     oversample: int = 16
     max_residual: float = 1e-2
     seed: int = 0
@@ -70,11 +81,13 @@ class TrainConfig:
                 then costs ⌈P/256⌉ passes over the data per step.
     """
 
-    max_iter: int = 3000
+    max_iter: int = knob(3000, "L-BFGS iterations at most per stage; lower it for very large pretraining sets, "
+                               "where each iteration is a pass over the data")
     lbfgs_tol: float = 1e-5
     grad_tol: float = 1e-9
     history_size: int = 20
-    newton_polish: int = 10
+    newton_polish: int = knob(10, "Newton polish steps after L-BFGS (each costs about P/256 passes over the "
+                                  "pretraining set; 0 turns it off)")
     newton_max_params: int = 6000
     rounds: int = 4
     stream_chunk: int = 0
@@ -109,13 +122,17 @@ class InfluenceConfig:
                 correlation in its diagnostics.
     """
 
-    scenarios: tuple[str, ...] = SCENARIOS
-    alpha: float = 0.1
+    scenarios: tuple[str, ...] = knob(SCENARIOS, "finetuning scenarios to score, comma-separated")
+    alpha: float = knob(0.1, "proximal coefficient α of the 'updated' scenario (larger keeps the finetuned "
+                             "embedding closer to the pretrained one)")
     pretrain_solver: SolverConfig = field(default_factory=SolverConfig)
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
-    chunk_size: int = 256
+    chunk_size: int = knob(256, "pretraining examples per scoring chunk")
     distributed_solve: bool = True
-    score_precision: str = "full"
+    score_precision: str = knob("full", "full (the model's dtype), or bfloat16/float16 autocast for the "
+                                        "per-example gradients of the scoring pass (needs --dtype float32; a GPU "
+                                        "speed-up); the run reports the Pearson correlation with full precision "
+                                        "on a sample")
 
     def __post_init__(self) -> None:
         for s in self.scenarios:
@@ -128,11 +145,6 @@ class InfluenceConfig:
         if self.score_precision not in SCORE_PRECISIONS:
             raise ValueError(f"unknown score precision {self.score_precision!r}; choose from "
                              f"{', '.join(SCORE_PRECISIONS)}")
-
-
-def config_dict(config) -> dict:
-    """A JSON-safe dict of a (nested) config dataclass, for manifests."""
-    return asdict(config)
 
 
 @dataclass(frozen=True)
@@ -151,10 +163,10 @@ class ValidationConfig:
     seed:            seed of the random removals and subsets.
     """
 
-    n_test_points: int = 8
-    k: int = 8
-    group_percents: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
-    lds: bool = False
+    n_test_points: int = knob(8, "validation test points")
+    k: int = knob(8, "leave-one-out removals per kind")
+    group_percents: tuple[float, ...] = knob((1.0, 2.0, 5.0, 10.0), "group removal sizes, % of the pretraining set")
+    lds: bool = knob(False, "also compute the linear datamodeling score")
     lds_subsets: int = 32
     lds_fraction: float = 0.5
     retrain_tol: float = 1e-8
@@ -195,14 +207,14 @@ class ModelConfig:
     """The preset models: embedding = Linear(d_in, hidden) + tanh, heads = Linear(hidden, classes).
 
     hidden:       embedding width.
-    pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.
+    pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.   Both ``DEFAULT_L2`` unless set.
     vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
     """
 
-    hidden: int = 16
-    pretrain_l2: float = 1e-3
-    finetune_l2: float = 1e-3
-    vocabulary: int = 400
+    hidden: int = knob(16, "embedding width")
+    pretrain_l2: float = knob(DEFAULT_L2, "λ_P on the pretraining parameters")
+    finetune_l2: float = knob(DEFAULT_L2, "λ_F on the finetuning head")
+    vocabulary: int = knob(400, "text: tf-idf vocabulary size")
 
 
 @dataclass(frozen=True)
@@ -223,17 +235,19 @@ class DataConfig:
     """
 
     preset: str = "digits"
-    pretrain_data: str = ""
-    finetune_data: str = ""
-    pretrain_classes: tuple[str, ...] = ()
-    finetune_classes: tuple[str, ...] = ()
-    text_column: str = "text"
-    label_column: str = "label"
-    finetune_test_fraction: float = 0.5
+    pretrain_data: str = knob("", "image folder root/<class>/*.png, a .csv/.jsonl text file, or MNIST IDX files "
+                                  "as IMAGES,LABELS")
+    finetune_data: str = knob("", "same formats; omit to split --pretrain-data by classes")
+    pretrain_classes: tuple[str, ...] = knob((), "class names of the pretraining task")
+    finetune_classes: tuple[str, ...] = knob((), "class names of the finetuning task")
+    text_column: str = knob("text", "text column of CSV/JSONL files")
+    label_column: str = knob("label", "label column of CSV/JSONL files")
+    finetune_test_fraction: float = knob(0.5, "finetune examples held out as test points")
     max_pretrain: int = 0
     max_finetune: int = 0
-    label_noise: float = 0.0
-    seed: int = 0
+    label_noise: float = knob(0.0, "flip this fraction of pretraining labels (recorded, to score mislabel "
+                                   "detection; turns on --clean)")
+    seed: int = knob(0, "seed of splits, initialisation and random removals")
 
 
 @dataclass(frozen=True)
@@ -263,15 +277,18 @@ class RunConfig:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
-    clean: bool = False
-    device: str = "auto"
-    dtype: str = "float64"
-    n_test_points: int = 32
-    test_ids: tuple[int, ...] = ()
+    clean: bool = knob(False, "rank pretraining examples by mislabel signals (multi-stage harm, "
+                              "self-influence, loss, margin, cleanlab) and clean-and-retrain")
+    device: str = knob("auto", "auto (cuda if available), cpu or cuda")
+    dtype: str = knob("float64", "float64 resolves leave-one-out loss changes in the retraining check")
+    n_test_points: int = knob(32, "number of finetune test points to score, covering every class with right "
+                                  "and wrong predictions")
+    test_ids: tuple[int, ...] = knob((), "explicit finetune test ids, e.g. 0,5,9")
     validate: bool = True
-    quick: bool = False
-    overwrite: bool = False
-    scores_to_disk: bool = False
+    quick: bool = knob(False, "small sizes for smoke tests (each preset < 1 min)")
+    overwrite: bool = knob(False, "replace an existing run (the old one is kept until the new one is complete)")
+    scores_to_disk: bool = knob(False, "stream scores into the run directory chunk by chunk (memory maps) "
+                                       "instead of holding them in memory; for very large pretraining sets")
 
     def __post_init__(self) -> None:
         if self.influence.score_precision != "full" and self.dtype != "float32":

@@ -21,3 +21,4 @@ NOISE_COLUMNS = ("original_label", "flipped")               # pretrain.parquet o
 PAIRS_COLUMNS = ("scenario", "test_id", "pretrain_id", "kind", "predicted", "actual", "grad_norm", "converged")
 GROUP_COLUMNS = ("scenario", "test_id", "kind", "percent", "n_removed", "predicted", "actual", "accuracy_change",
                  "converged")
+NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")  # cleaning/signals.parquet: every other float column is a signal

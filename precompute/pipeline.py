@@ -174,7 +174,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
     dtype = {"float64": torch.float64, "float32": torch.float32}[config.dtype]
     with rank_zero_writer(config.out, overwrite=config.overwrite) as writer:   # fails fast if --out exists
         with timer.step("load data"), agreed("loading data"):
-            data = load_task_data(config.data, config.model, quick=config.quick)
+            data = load_task_data(config.data, config.model)
             task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
             explicit_ids = task.check_test_ids(config.test_ids).tolist() if config.test_ids else None
             if is_lazy(task):

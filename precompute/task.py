@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .config import DEFAULT_L2
 from .errors import PrecomputeError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -96,7 +97,7 @@ class TwoStageTask:
     finetune_x/y:  the n finetuning training examples.
     test_x/y:      finetune test examples; influence is computed for chosen rows of these.
     pretrain_loss, finetune_loss: per-example losses (see ``LossFn``), cross-entropy by default.
-    pretrain_l2:   λ_P on all of (θ, W).   finetune_l2: λ_F on U.
+    pretrain_l2:   λ_P on all of (θ, W).   finetune_l2: λ_F on U.   Default ``config.DEFAULT_L2``.
     measurement:   f(x_t), what influence explains (see ``Measurement``); None: the test loss
                    ℓ_F(x_t). Scores are always the predicted change of f if z is removed, so for
                    a measurement where higher is better (``correct_class_margin``,
@@ -114,8 +115,8 @@ class TwoStageTask:
     test_y: Tensor
     pretrain_loss: LossFn = cross_entropy_per_example
     finetune_loss: LossFn = cross_entropy_per_example
-    pretrain_l2: float = 1e-3
-    finetune_l2: float = 1e-3
+    pretrain_l2: float = DEFAULT_L2
+    finetune_l2: float = DEFAULT_L2
     measurement: Measurement | None = None
     theta_layout: ParamLayout = field(init=False)
     w_layout: ParamLayout = field(init=False)

@@ -1,0 +1,71 @@
+"""The command line reads its defaults and help from ``precompute.config`` (one place for knobs).
+
+Every flag that sets a config field shows that field's default in its help, parsing no flags gives
+exactly the dataclasses' defaults (plus the preset's model), quick mode is one transform that
+explicit flags still override, and the L2 default is one constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from precompute.cli import DEMO_RUNS, _default_text, _get, _paths, build_parser, config_from_args
+from precompute.config import DEFAULT_L2, DataConfig, ModelConfig, RunConfig, SolverConfig
+from precompute.presets import PRESET_MODELS, quick_config
+from precompute.task import TwoStageTask
+
+
+def config_actions() -> list[argparse.Action]:
+    return [a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "preset", "out", "threads")]
+
+
+def test_every_flag_shows_its_fields_default():
+    defaults = RunConfig(out="")
+    actions = config_actions()
+    assert len(actions) >= 30
+    for action in actions:
+        default = _get(defaults, _paths(action.dest)[0])
+        assert action.default is None, action.dest          # unset flags leave the dataclass default alone
+        if isinstance(default, bool):
+            continue
+        assert f"(default {_default_text(default)}" in action.help.replace("%%", "%"), (action.dest, action.help)
+
+
+def test_no_flags_give_the_dataclass_defaults():
+    for preset in ("digits", "news"):
+        config = config_from_args(build_parser().parse_args([]), preset, "runs/x")
+        assert config == RunConfig(out="runs/x", data=DataConfig(preset=preset), model=PRESET_MODELS[preset])
+
+
+def test_quick_is_one_transform_and_explicit_flags_win():
+    args = build_parser().parse_args(["--quick", "--val-points", "5", "--damping", "1e-3", "--seed", "4"])
+    config = config_from_args(args, "digits", "runs/x")
+    base = quick_config(RunConfig(out="runs/x", data=DataConfig(preset="digits"), model=PRESET_MODELS["digits"]))
+    assert config.quick and config.n_test_points == base.n_test_points == 6
+    assert config.validation.n_test_points == 5 and config.validation.k == base.validation.k == 3
+    assert config.influence.pretrain_solver == config.influence.finetune_solver == SolverConfig(damping=1e-3)
+    assert config.data.seed == config.validation.seed == config.cleaning.seed == 4
+    assert (config.data.max_pretrain, config.data.max_finetune) == (60, 40)
+
+
+def test_demo_overrides_name_real_flags():
+    dests = {a.dest for a in config_actions()}
+    for _, preset, extra in DEMO_RUNS:
+        assert set(extra) <= dests
+        config = config_from_args(argparse.Namespace(**{**vars(build_parser().parse_args([])), **extra}), preset, "r")
+        assert config.quick == bool(extra.get("quick"))
+
+
+@pytest.mark.parametrize("flag, path", [("--no-validate", "validate"), ("--rank-zero-solve", "influence.distributed_solve")])
+def test_negated_flags(flag, path):
+    assert _get(config_from_args(build_parser().parse_args([flag]), "digits", "r"), path) is False
+    assert _get(config_from_args(build_parser().parse_args([]), "digits", "r"), path) is True
+
+
+def test_one_l2_default():
+    assert ModelConfig().pretrain_l2 == ModelConfig().finetune_l2 == DEFAULT_L2
+    fields = TwoStageTask.__dataclass_fields__
+    assert fields["pretrain_l2"].default == fields["finetune_l2"].default == DEFAULT_L2
+    assert all(m.pretrain_l2 == m.finetune_l2 == DEFAULT_L2 for m in PRESET_MODELS.values())
