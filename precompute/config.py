@@ -149,7 +149,7 @@ class InfluenceConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Ground truth by actual retraining (design.md §3) and baselines.
+    """Ground truth by actual retraining (docs/design.md §3) and baselines.
 
     n_test_points:   validation test points per scenario (the first K scored test points).
     k:               leave-one-out removals per kind (top-k helpful, top-k harmful, k random).

@@ -295,7 +295,7 @@ class Evidence:
 
 def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.ndarray],
                         test_ids: list[int], config: RunConfig, timer: Timer, progress: bool) -> Evidence:
-    """Retraining ground truth and baselines (design.md §3), or an empty ``Evidence``."""
+    """Retraining ground truth and baselines (docs/design.md §3), or an empty ``Evidence``."""
     if not config.validate:
         return Evidence()
     from .baselines import evaluate_baselines

@@ -1,7 +1,7 @@
 """Ground truth by actual retraining: both stages, for many example-weight vectors at once.
 
 Each row ``w_b`` of a weight matrix [B, m] (1 = keep, 0 = removed; the denominator m stays fixed,
-design.md §3) defines a retrained chain
+docs/design.md §3) defines a retrained chain
 
     p_b       = argmin_p L_P(p; w_b)                                    warm start p*
     fixed:    U_b = argmin_U L_F(θ_b, U),  q_b = [θ_b; U_b]            warm start U*_fixed

@@ -9,7 +9,7 @@ Flat layouts (float vectors):
     pretraining  p = [θ; W]   length P = Pθ + PW
     finetuning   q = [θ; U]   length Q = Pθ + PU
 
-Objectives (design.md §2; the weights w_i default to 1 and removal sets w_z = 0 while the
+Objectives (docs/design.md §2; the weights w_i default to 1 and removal sets w_z = 0 while the
 denominator m stays fixed):
     L_P(p) = (1/m) Σ_i w_i ℓ_P(z_i; p) + (λ_P/2)‖p‖²
     L_F(q) = (1/n) Σ_j ℓ_F(x_j; q) + (λ_F/2)‖U‖² [+ (α/2)‖θ − θ*‖² in the "updated" scenario]

@@ -1,6 +1,6 @@
 """Deterministic full-batch training of both stages.
 
-Pretraining minimises L_P over p = [θ; W]. Finetuning has two scenarios (design.md §2):
+Pretraining minimises L_P over p = [θ; W]. Finetuning has two scenarios (docs/design.md §2):
     "fixed":   U* = argmin_U L_F(θ*, U), θ stays θ*.
     "updated": (θ_ft, U*) = argmin_q L_F(q) + (α/2)‖θ − θ*‖², warm-started at (θ*, U*_fixed).
 L-BFGS with a strong-Wolfe line search is deterministic for a fixed start, so re-running gives the

@@ -1,4 +1,4 @@
-"""Predicted score against actual retraining (design.md §3): leave-one-out, group removal, LDS.
+"""Predicted score against actual retraining (docs/design.md §3): leave-one-out, group removal, LDS.
 
 Sign convention (as everywhere): score(z, t) = predicted change of the test loss of t when z is
 removed; ``actual`` = test loss after removing and retraining minus the test loss of the
