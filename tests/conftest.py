@@ -10,6 +10,13 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the real CLI pipeline runs below is ``slow`` (see pytest.ini)."""
+    for item in items:
+        if "quick_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def quick_runs(tmp_path_factory):
     """Real quick pipeline runs made through the CLI: digits with 10% label noise, and news.

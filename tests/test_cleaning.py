@@ -120,7 +120,7 @@ def test_simple_signals_find_the_flipped_labels(cleaned):
     stat = det.get("top20_harmful_of_misclassified")
     if stat is not None:
         assert stat["base_rate"] == pytest.approx(flipped.mean())
-        assert 0 <= stat["flipped_in_top20_harmful"] <= 1 and stat["n_test_points"] == len(result.suspect_test_ids)
+        assert stat["n_test_points"] == len(result.suspect_test_ids)
 
 
 def test_self_influence_equals_brute_force(cleaned):

@@ -7,6 +7,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -25,8 +26,9 @@ def test_quick_presets_write_valid_runs_with_retraining_evidence(quick_runs):
         assert run.scores("fixed").shape == (len(m["test_points"]), m["n_pretrain"])
         for s in m["scenarios"]:
             v = m["validation"][s]
-            assert v["n_pairs"] > 0 and -1 <= v["pearson"] <= 1
-            assert 0 <= m["finetune_accuracy"][s] <= 1
+            # measured on clean quick runs: Pearson 0.95-0.99; finetune accuracy 0.71-0.97
+            assert v["n_pairs"] > 0 and v["pearson"] > 0.5, (name, s, v)
+            assert m["finetune_accuracy"][s] > 1 / len(m["finetune_class_names"]) + 0.1    # above chance
         assert set(m["baselines"]) >= {"pretrain_loss", "predictive_entropy", "grad_dot", "grad_cosine",
                                        "embedding_similarity", "single_stage"}
         assert {"train", "influence", "validation"} <= set(m["timings_s"])
@@ -48,6 +50,7 @@ def test_removing_the_top_helpful_example_raises_the_test_loss(quick_runs):
     assert random.actual.abs().median() < helpful.actual.abs().median()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_scores(tmp_path):
     args = ["--preset", "digits", "--quick", "--no-validate", "--n-test", "3"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -57,6 +60,7 @@ def test_same_seed_gives_the_same_scores(tmp_path):
                                       np.load(tmp_path / "b/scores" / f"{s}.npy"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     import precompute.pipeline as pipeline
 
@@ -101,6 +105,7 @@ def _custom(tmp_path, *extra) -> list[str]:
             str(tmp_path / "out"), *extra]
 
 
+@pytest.mark.slow
 def test_image_folder(tmp_path):
     images, labels = _digits()
     for i, (img, y) in enumerate(zip(images, labels)):
@@ -119,6 +124,7 @@ def _idx(path, magic: int, array: np.ndarray, compress: bool) -> None:
     path.write_bytes(gzip.compress(payload) if compress else payload)
 
 
+@pytest.mark.slow
 def test_mnist_idx_files(tmp_path):
     images, labels = _digits()
     _idx(tmp_path / "img.idx.gz", 2051, images, True)
@@ -134,6 +140,7 @@ def _digit_classes(classes, n_per_class: int):
     return (d.images[keep] * 15).astype(np.uint8), d.target[keep]
 
 
+@pytest.mark.slow
 def test_npy_pretraining_set_is_streamed_from_disk_and_scores_as_in_memory(tmp_path):
     """IMAGES.npy,LABELS.npy stay memory-mapped (training, solve and scoring in chunks, scores
     streamed into the run); the same examples given as IDX files (read into memory) score the same."""
@@ -181,6 +188,7 @@ def _news_rows(topics: tuple[str, ...], per_topic: int = 20):
     return rows
 
 
+@pytest.mark.slow
 def test_csv_and_jsonl_text_files(tmp_path):
     import pandas as pd
     pd.DataFrame(_news_rows(("business", "politics", "tech"))).to_csv(tmp_path / "pre.csv", index=False)
@@ -252,10 +260,12 @@ def test_test_id_out_of_range(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_check_command_passes():
     assert main(["check"]) == 0
 
 
+@pytest.mark.slow
 def test_stopping_training_early_is_flagged_in_the_summary(tmp_path, capsys):
     assert main(["--preset", "digits", "--quick", "--no-validate", "--train-iters", "5", "--newton-steps", "0",
                  "--damping", "1", "--out", str(tmp_path / "early")]) == 0

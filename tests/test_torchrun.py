@@ -19,6 +19,8 @@ import pytest
 from precompute.cli import main
 from precompute.runstore import list_runs, open_run
 
+pytestmark = pytest.mark.slow          # each test is a real two-process run of the CLI
+
 QUICK = ["--preset", "digits", "--quick", "--no-validate", "--seed", "3"]
 
 

@@ -206,6 +206,6 @@ def test_baselines(tiny, validated):
     for method in BASELINES:
         for scenario in ("fixed", "updated"):
             entry = result[method][scenario]
-            assert entry["n_pairs"] == 48 and -1 <= entry["spearman"] <= 1
+            assert entry["n_pairs"] == 48
             # The multi-stage score, on the same pairs, ranks better than any baseline.
             assert entry["spearman"] < validated.summary[scenario]["spearman"], (method, entry)
