@@ -198,6 +198,7 @@ def _crash_before_commit(rank, world, task, trained, run_dir):
         commit_after_barrier(writer, None)
 
 
+@pytest.mark.slow          # two spawned processes per case that fail on purpose and clean up (about 15 s each)
 @pytest.mark.parametrize("fn, message", [(_fail_mid_scoring, "pretraining example 45"),
                                          (_crash_before_commit, "crashed")])
 def test_failing_rank_leaves_no_run(trained_task, tmp_path, fn, message):

@@ -261,7 +261,7 @@ def test_unknown_solver_name():
 def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, method, columns, path):
     """The streamed pass never touches more than chunk_size examples at once, on every path, and
     every path gives the brute-force inner products with per-example gradients."""
-    import precompute.influence as inf
+    import precompute.scoring as inf
     task, trained = tiny
     seen = []
     real = getattr(inf, path)
