@@ -2,7 +2,7 @@
 
 ``LazyRows`` puts a (memory-mapped) numpy array in ``task.pretrain_x`` / ``pretrain_y``: a slice of
 it becomes a tensor only when read, and ``release_pages`` drops the pages already read from the
-resident set. The scoring pass (``precompute.influence.score_pretraining``) reads chunks of it.
+resident set. The scoring pass (``precompute.scoring.score_pretraining``) reads chunks of it.
 
 Training and the pretraining-side Hessian need the whole objective
 
@@ -15,11 +15,11 @@ Hessian-vector products (per chunk: one forward + backward with ``create_graph``
 double-backward per block of columns; the chunk's graph is freed before the next chunk). Memory is
 O(chunk_size), independent of m; each call is one pass over the data. The denominator is always
 the full m, and the L2 term is added once. With ``rows`` (a shard, for the data-parallel HVP of
-``precompute.distributed``) it is that shard's part of the data term only, without the L2 term:
+``precompute.curvature``) it is that shard's part of the data term only, without the L2 term:
 whoever sums the shards adds it once.
 
 ``pretraining_objective`` picks it automatically for a task whose ``pretrain_x`` is ``LazyRows``;
-``precompute.training.minimize`` and ``precompute.influence.batched_hvp`` accept it in place of a
+``precompute.training.minimize`` and ``precompute.curvature.batched_hvp`` accept it in place of a
 plain ``p -> L_P(p)`` callable.
 
 Measured (``benchmarks/bench_large.py --modes train,train_in_memory``, memory-mapped augmented
@@ -149,7 +149,7 @@ class StreamedPretrainObjective:
                 (1/m) Σ_{i∈rows} w_i ℓ_P(z_i) with no L2 term; None: all m examples + (λ_P/2)‖p‖².
 
     Calling it gives the value (no autograd graph). ``value_and_grad`` and ``hvp`` are what
-    ``precompute.training.minimize`` and ``precompute.influence.batched_hvp`` use. ``passes``
+    ``precompute.training.minimize`` and ``precompute.curvature.batched_hvp`` use. ``passes``
     counts the passes over the data made so far (each value, gradient or HVP call is one).
     """
 
