@@ -116,3 +116,14 @@ def test_two_ranks_give_the_single_process_arrays(chain):
     for s in ("fixed", "updated"):
         np.testing.assert_allclose(zero[0][s], want_scores[s], rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(zero[1], want_self, rtol=1e-8)
+
+
+def test_one_process_is_the_degenerate_data_parallel_case(chain):
+    """distributed_solve in one process: one shard, no reduction; only where the L2 term enters the
+    product differs (inside the graph, or added after), so the float32 scores agree to their rounding."""
+    task, trained = chain
+    local, _ = multi_stage_scores(task, trained, [0, 3], CONFIG, progress=False)
+    degenerate, diagnostics = multi_stage_scores(task, trained, [0, 3], CONFIG, progress=False, distributed_solve=True)
+    assert diagnostics["fixed"]["world_size"] == 1
+    for s in ("fixed", "updated"):
+        np.testing.assert_allclose(degenerate[s], local[s], rtol=1e-6, atol=1e-7 * np.abs(local[s]).max())
