@@ -197,12 +197,15 @@ class ModelConfig:
     hidden:       embedding width.
     pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.
     vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
+    max_params:   the CLI refuses, before loading any data, inputs that would give a model of more
+                  parameters (``precompute.guards``; --max-params lifts it).
     """
 
     hidden: int = 16
     pretrain_l2: float = 1e-3
     finetune_l2: float = 1e-3
     vocabulary: int = 400
+    max_params: int = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""Resource guards: refuse, before any data is loaded, a run that would exhaust memory or time.
+
+``check_resources(config)`` estimates the model size from the configuration and from the headers of
+the user's files (one image header, an IDX header or a .npy header; no pixel data is read):
+
+- parameters P of the embedding Linear(d_in, hidden) + heads, against ``ModelConfig.max_params``
+  (``--max-params``): 4000x4000 images give P = 256 million, i.e. gigabytes per gradient;
+- the exact solver's dense P x P Hessian, against ``EXACT_MAX_PARAMS`` (use cg above it);
+- the number of leave-one-out retrainings of the validation, against ``MAX_RETRAININGS``.
+
+Each refusal is a ``ResourceLimitError`` whose one-line message says how to fix it. Files that
+cannot be peeked at are left to the loaders, which report them precisely.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import RunConfig
+from .errors import PrecomputeError
+
+EXACT_MAX_PARAMS = 20_000          # dense float64 Hessian: 3.2 GB, eigendecomposition minutes
+MAX_RETRAININGS = 20_000           # leave-one-out retrainings of the validation step
+_HEAD_CLASSES = 10                 # heads are tiny next to the embedding; assume 10 classes each
+
+
+class ResourceLimitError(PrecomputeError, ValueError):
+    """A run would need more memory or time than a set limit; the message says how to fix it."""
+
+
+def _image_size(spec: str) -> tuple[int, str] | None:
+    """(features per example, description) of a custom image source, from headers only."""
+    if "," in spec:
+        images = Path(spec.split(",", 1)[0].strip())
+        if images.suffix.lower() == ".npy":
+            shape = np.load(images, mmap_mode="r", allow_pickle=False).shape
+            return int(np.prod(shape[1:])), f"{images}: images of shape {'x'.join(map(str, shape[1:]))}"
+        opener = gzip.open if images.suffix.lower() == ".gz" else open
+        with opener(images, "rb") as fh:
+            head = fh.read(16)
+        _, rows, cols = struct.unpack(">III", head[4:16])
+        return rows * cols, f"{images}: {rows}x{cols} images"
+    root = Path(spec)
+    if not root.is_dir():
+        return None
+    from PIL import Image
+
+    from .data.user_files import IMAGE_SUFFIXES
+
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                with Image.open(path) as im:          # reads the header, not the pixels
+                    (w, h), channels = im.size, 1 if im.mode in ("1", "L", "LA", "I", "F") or \
+                        im.mode.startswith("I;") else 3
+                return w * h * channels, f"{path}: {w}x{h} images"
+    return None
+
+
+def input_features(config: RunConfig) -> tuple[int, str] | None:
+    """(d_in, where it comes from) for the configured data, or None when unknown before loading."""
+    data = config.data
+    if data.preset == "digits":
+        return 64, "the digits preset"
+    if data.preset == "news":
+        return config.model.vocabulary, f"--vocabulary {config.model.vocabulary}"
+    sizes = []
+    for spec in (data.pretrain_data, data.finetune_data):
+        if not spec:
+            continue
+        if Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
+            return config.model.vocabulary, f"--vocabulary {config.model.vocabulary}"
+        try:
+            size = _image_size(spec)
+        except (OSError, ValueError, struct.error):
+            size = None                                 # the loader reports this file precisely
+        if size:
+            sizes.append(size)
+    return max(sizes) if sizes else None
+
+
+def estimated_params(d_in: int, hidden: int) -> int:
+    """Parameters of Linear(d_in, hidden) + two heads of ``_HEAD_CLASSES`` classes."""
+    return d_in * hidden + hidden + 2 * (hidden + 1) * _HEAD_CLASSES
+
+
+def check_resources(config: RunConfig) -> None:
+    """Raise ResourceLimitError if the run would exceed a limit (see the module docstring)."""
+    found = input_features(config)
+    if found:
+        d_in, where = found
+        p = estimated_params(d_in, config.model.hidden)
+        limit = config.model.max_params
+        if p > limit:
+            raise ResourceLimitError(
+                f"{where} give a model of about {p:,} parameters (limit {limit:,}; --hidden "
+                f"{config.model.hidden}): resize the images or lower --vocabulary / --hidden, or pass "
+                f"--max-params {p} to lift the limit")
+        solvers = {config.influence.pretrain_solver.name, config.influence.finetune_solver.name}
+        if "exact" in solvers and p > EXACT_MAX_PARAMS:
+            gb = p * p * 8 / 1e9
+            raise ResourceLimitError(
+                f"--solver exact needs a dense Hessian of {p:,}^2 entries ({gb:,.1f} GB) for this model; "
+                f"use --solver cg or auto (exact is meant for at most {EXACT_MAX_PARAMS:,} parameters)")
+    if config.validate:
+        v = config.validation
+        n = min(v.n_test_points, len(config.test_ids) or config.n_test_points) * 3 * v.k * \
+            len(config.influence.scenarios)
+        if n > MAX_RETRAININGS:
+            raise ResourceLimitError(
+                f"--k {v.k} with --val-points {v.n_test_points} asks for {n:,} leave-one-out retrainings "
+                f"(limit {MAX_RETRAININGS:,}); lower --k or --val-points, or pass --no-validate")
