@@ -11,6 +11,7 @@ rewritten at the end of every script run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ RUNS_ENV = "EXPLORER_RUNS_DIR"
 DEFAULT_RUNS_DIR = "runs"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_COMMAND = "python -m precompute --preset demo"
+# The safe way to start the app (binds 127.0.0.1, usage statistics off): every hint shows it.
+EXPLORER_COMMAND = "python -m explorer --runs runs"
 
 SEL_RUN, SEL_SCENARIO, SEL_TEST, SEL_PRETRAIN = "sel_run", "sel_scenario", "sel_test", "sel_pretrain"
 _QP_KEYS = {"run": SEL_RUN, "scenario": SEL_SCENARIO, "test": SEL_TEST, "pretrain": SEL_PRETRAIN}
@@ -150,6 +153,18 @@ def pop_notices() -> list[str]:
     return st.session_state.pop("_notices", [])
 
 
+# Characters that can open a Markdown construct in Streamlit (links, images, HTML, emphasis, code,
+# math, colour directives, e-mail autolinks); "www." would start a bare autolink.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~:$&@])|(?<![\w.])(www)\.", re.IGNORECASE)
+
+
+def plain(text: Any) -> str:
+    """``text`` escaped for Streamlit's Markdown elements so that it shows literally: values from a
+    deep link or a folder name must never become a link, an image (a request to any host) or HTML."""
+    return _MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(1) if m.group(1) else m.group(2) + "\\.",
+                                " ".join(str(text).split()))
+
+
 def select(sel_key: str, value: Any) -> None:
     st.session_state[sel_key] = value
 
@@ -210,8 +225,8 @@ def set_context(ctx: Ctx | None) -> None:
 
 
 __all__ = [
-    "ASSETS", "Ctx", "DEMO_COMMAND", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
+    "ASSETS", "Ctx", "DEMO_COMMAND", "EXPLORER_COMMAND", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
     "SEL_TEST", "bind", "context", "copy_to_selection", "ensure_valid", "get_run", "init_from_query_params",
-    "list_runs", "on_run_change", "parse_int", "resolve_runs_root", "run_from_key", "select", "set_context",
+    "list_runs", "plain", "on_run_change", "parse_int", "resolve_runs_root", "run_from_key", "select", "set_context",
     "sync_query_params",
 ]
