@@ -6,7 +6,8 @@ the user's files (one image header, an IDX header or a .npy header; no pixel dat
 - parameters P of the embedding Linear(d_in, hidden) + heads, against ``ModelConfig.max_params``
   (``--max-params``): 4000x4000 images give P = 256 million, i.e. gigabytes per gradient;
 - the exact solver's dense P x P Hessian, against ``EXACT_MAX_PARAMS`` (use cg above it);
-- the number of leave-one-out retrainings of the validation, against ``MAX_RETRAININGS``.
+- validation by retraining: its dense preconditioner (``retraining.MAX_DENSE_PARAMS``), and the
+  number of leave-one-out retrainings, against ``MAX_RETRAININGS``.
 
 Each refusal is a ``ResourceLimitError`` whose one-line message says how to fix it. Files that
 cannot be peeked at are left to the loaders, which report them precisely.
@@ -25,7 +26,6 @@ from .errors import PrecomputeError
 
 EXACT_MAX_PARAMS = 20_000          # dense float64 Hessian: 3.2 GB, eigendecomposition minutes
 MAX_RETRAININGS = 20_000           # leave-one-out retrainings of the validation step
-_HEAD_CLASSES = 10                 # heads are tiny next to the embedding; assume 10 classes each
 
 
 class ResourceLimitError(PrecomputeError, ValueError):
@@ -83,17 +83,23 @@ def input_features(config: RunConfig) -> tuple[int, str] | None:
     return max(sizes) if sizes else None
 
 
-def estimated_params(d_in: int, hidden: int) -> int:
-    """Parameters of Linear(d_in, hidden) + two heads of ``_HEAD_CLASSES`` classes."""
-    return d_in * hidden + hidden + 2 * (hidden + 1) * _HEAD_CLASSES
+def stage_params(config: RunConfig, d_in: int) -> int:
+    """Parameters of the larger stage, embedding Linear(d_in, hidden) + its head. Unknown class
+    counts (custom data without class lists) count as 2, so the estimate never exceeds the truth."""
+    classes = {"digits": (5, 5), "news": (3, 2)}.get(
+        config.data.preset, (len(config.data.pretrain_classes) or 2, len(config.data.finetune_classes) or 2))
+    h = config.model.hidden
+    return d_in * h + h + (h + 1) * max(classes)
 
 
 def check_resources(config: RunConfig) -> None:
     """Raise ResourceLimitError if the run would exceed a limit (see the module docstring)."""
+    from .retraining import MAX_DENSE_PARAMS
+
     found = input_features(config)
     if found:
         d_in, where = found
-        p = estimated_params(d_in, config.model.hidden)
+        p = stage_params(config, d_in)
         limit = config.model.max_params
         if p > limit:
             raise ResourceLimitError(
@@ -106,6 +112,11 @@ def check_resources(config: RunConfig) -> None:
             raise ResourceLimitError(
                 f"--solver exact needs a dense Hessian of {p:,}^2 entries ({gb:,.1f} GB) for this model; "
                 f"use --solver cg or auto (exact is meant for at most {EXACT_MAX_PARAMS:,} parameters)")
+        if config.validate and p > MAX_DENSE_PARAMS:
+            raise ResourceLimitError(
+                f"validation by retraining handles at most {MAX_DENSE_PARAMS:,} parameters per stage and "
+                f"this model has about {p:,} ({where}, --hidden {config.model.hidden}); pass --no-validate, "
+                "or lower --hidden")
     if config.validate:
         v = config.validation
         n = min(v.n_test_points, len(config.test_ids) or config.n_test_points) * 3 * v.k * \

@@ -305,7 +305,12 @@ def _any_json(v, path):
     pass
 
 
-_STATS = _dict_of(_num_or_null)                 # {"pearson": 0.9, "n_pairs": 24, ...}
+def _stat(v, path):
+    """A statistic (number or null) or one level of them ({"per_test_point": {"12": 0.9, ...}})."""
+    (_dict_of(_num_or_null) if isinstance(v, dict) else _num_or_null)(v, path)
+
+
+_STATS = _dict_of(_stat)                        # {"pearson": 0.9, "n_pairs": 24, "per_test_point": {...}}
 MANIFEST_SCHEMA: dict[str, Any] = {
     "format_version": _int, "name": _str, "created": _str, "preset": _str, "modality": _str,
     "n_pretrain": _int, "n_finetune_test": _int,
