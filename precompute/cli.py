@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except SystemExit as done:                      # argparse (after its one line), --help
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     except Exception as err:       # noqa: BLE001 (the last line of defence: no traceback on screen)
         log = write_crash_log(err)
         where = f"the traceback is in {log}" if log else "no log file could be written"

@@ -209,7 +209,8 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     except ValueError as exc:  # object arrays need pickle
         raise RunStoreError(f"{path.name}: cannot be read without pickle ({exc})") from exc
     except Exception as exc:
-        raise RunStoreError(f"{path.name}: not a readable .npy file ({exc})") from exc
+        raise RunStoreError(f"{path.name}: not a readable .npy file ({' '.join(str(exc).split())}); "
+                            "re-run precompute") from exc
     return tuple(arr.shape), arr.dtype
 
 
@@ -220,7 +221,8 @@ def _parquet_meta(path: Path) -> tuple[int, list[str]]:
         meta = pq.read_metadata(path)
         schema = pq.read_schema(path)
     except Exception as exc:
-        raise RunStoreError(f"{path.name}: not a readable Parquet file ({exc})") from exc
+        raise RunStoreError(f"{path.name}: not a readable Parquet file ({' '.join(str(exc).split())}); "
+                            "re-run precompute") from exc
     return int(meta.num_rows), list(schema.names)
 
 
