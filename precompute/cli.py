@@ -266,12 +266,15 @@ def check_args(args: argparse.Namespace) -> None:
          "--device", device, "must be auto, cpu, cuda or cuda:N", "cpu")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: ``with`` blocks unwind and the temporary run directory goes."""
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM: remove the unfinished run (its temporary directory and the parents it created), say
+    so and exit 143. Not by raising: an exception raised in a signal handler is lost when the signal
+    lands while a ``__del__`` or weakref callback runs, and the run would go on."""
+    from .runstore import abort_open_writers
 
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
+    abort_open_writers()
+    print("interrupted (SIGTERM): nothing was written", file=sys.stderr, flush=True)
+    os._exit(143)
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -281,7 +284,7 @@ def pipeline_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)   # under torchrun, init_distributed replaces it
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)   # under torchrun, init_distributed replaces it
     except ValueError:                                       # not the main thread
         pass
     import torch
@@ -328,10 +331,10 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
                 print(f"error: {err.filename or out}: {err.strerror or err}; check the path and its "
                       "permissions", file=sys.stderr)
             return 2
-        except KeyboardInterrupt as err:
+        except KeyboardInterrupt:
             if main_rank:
                 print(f"interrupted: nothing was written to {out}", file=sys.stderr)
-            return 143 if isinstance(err, Terminated) else 130
+            return 130
         if main_rank:                               # the other ranks hold no manifest
             say("\n".join(summary.lines()))
     if args.preset == "demo":
@@ -369,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PrecomputeError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return 130
     except SystemExit as done:                      # argparse (after its one line), --help
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     except Exception as err:       # noqa: BLE001 (the last line of defence: no traceback on screen)

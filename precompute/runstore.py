@@ -516,7 +516,11 @@ def _write_error(out_dir: Path, exc: OSError) -> RunStoreError:
     """One line: which run could not be written, why, and what to do."""
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     why = (exc.strerror or str(exc) or type(exc).__name__).replace("\n", " ")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    # numpy reports a short write ("N requested and M written") without an errno; on a regular file
+    # that happens only when the disk is full or the file-size limit is reached.
+    short_write = exc.errno is None and re.search(r"requested and \d+ written", str(exc))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
+        why = "disk full or file size limit reached" if short_write else why
         fix = "free disk space or choose an --out on another disk"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "choose an --out in a folder you can write"
@@ -575,6 +579,7 @@ class RunWriter:
         # is entered, garbage collection, interpreter exit on SIGTERM), the temporary directory and
         # the parents it created go too.
         self._finalizer = weakref.finalize(self, _discard, self.path, made)
+        _OPEN_WRITERS.add(self)
 
     # context manager ----------------------------------------------------------------------------
     def __enter__(self) -> RunWriter:
@@ -588,6 +593,7 @@ class RunWriter:
     def abort(self) -> None:
         """Delete the temporary directory and the parent folders this writer created."""
         self._closed = True
+        _OPEN_WRITERS.discard(self)
         if not self._committed:
             self._finalizer()
 
@@ -656,6 +662,10 @@ class RunWriter:
         _validate(self.path, manifest, self.out_dir.name)
         _dump_json(self.path / "manifest.json", manifest)
 
+        with _signals_deferred():
+            return self._swap_in()
+
+    def _swap_in(self) -> Path:
         old: Path | None = None
         if os.path.lexists(self.out_dir):
             if not self.overwrite:
@@ -674,10 +684,37 @@ class RunWriter:
                     os.rename(old, self.out_dir)
                 raise
         self._committed = True
+        _OPEN_WRITERS.discard(self)
         self._finalizer.detach()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out_dir
+
+
+_OPEN_WRITERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def abort_open_writers() -> None:
+    """Abort every uncommitted writer of this process (a SIGTERM handler calls it before exiting)."""
+    for writer in list(_OPEN_WRITERS):
+        writer.abort()
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block is done: the renames that swap a run in must not
+    be cut in half (the old run moved aside, the new one not yet in place)."""
+    import signal
+
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        blocked = None
+    try:
+        yield
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def check_replaceable(out_dir: Path) -> None:

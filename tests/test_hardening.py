@@ -170,16 +170,16 @@ def test_a_read_only_out_is_one_line(capsys, tmp_path):
 
 
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
-    """RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG, as a full disk fails with ENOSPC
+    """RLIMIT_FSIZE makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC
     (CPython ignores SIGXFSZ, so the write returns the error)."""
     def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     proc = run_cli(*QUICK, "--train-iters", "30", "--newton-steps", "0", "--damping", "0.1",
                    "--out", str(tmp_path / "runs" / "digits"), preexec_fn=limit, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and errors[0].startswith(f"error: cannot write run {tmp_path / 'runs' / 'digits'}: File too large")
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write run {tmp_path / 'runs' / 'digits'}: ")
     assert "free disk space" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()                            # not even the parent it created
 
@@ -239,7 +239,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, stderr[-2000:]
-    assert "interrupted: nothing was written" in stderr and "Traceback" not in stderr
+    assert "interrupted (SIGTERM): nothing was written" in stderr and "Traceback" not in stderr
     assert not root.exists()
 
 
