@@ -40,7 +40,7 @@ _SCENARIO_HELP = {
 
 def _empty_state(root: Path) -> None:
     st.title("Multi-stage influence explorer")
-    st.info(f"No runs found in {state.plain(root)}. A run is made offline by the precompute step; make one with:")
+    st.info(f"No runs found in {state.literal(root)}. A run is made offline by the precompute step; make one with:")
     st.code(state.DEMO_COMMAND, language="bash")
     st.markdown("then reload this page. To read runs from another folder, start the app with:")
     st.code(state.EXPLORER_COMMAND.replace("runs runs", "runs DIR"), language="bash")
@@ -51,7 +51,8 @@ def _sidebar(root: Path, runs: list[str]):
     if st.session_state.get(SEL_RUN) not in runs:
         asked = st.session_state.get(SEL_RUN)
         if asked is not None and state.link_value("run") == asked:
-            state.notice(f"Run '{asked}' was not found in {root}; showing '{runs[0]}'.")
+            state.notice(f"Run {state.literal(asked)} was not found in {state.literal(root)}; showing "
+                         f"{state.literal(runs[0])}.")
         st.session_state[SEL_RUN] = runs[0]
     with st.sidebar:
         state.bind("w_run", SEL_RUN)
@@ -112,12 +113,12 @@ def main() -> None:
 
     ctx, error = _sidebar(root, runs)
     state.set_context(ctx)
+    for text in state.pop_notices():
+        st.warning(text)                      # values inside are literal() code spans
     if ctx is None:
         _broken_run(root, error)
         state.sync_query_params()
         return
-    for text in state.pop_notices():
-        st.warning(state.plain(text))
     try:
         page.run()
     except state.RunStoreError as exc:            # a table or array of the run is damaged
@@ -128,7 +129,7 @@ def main() -> None:
 def _broken_run(root: Path, error: str) -> None:
     """The notice for a run that cannot be shown (instead of a traceback)."""
     st.title("Multi-stage influence explorer")
-    st.error(state.plain(error))
+    st.error(state.literal(error))
     st.markdown("The run directory is incomplete or damaged. Pick another run in the sidebar, or move "
                 "the damaged folder away and re-create the runs with the precompute step:")
     st.code(state.DEMO_COMMAND, language="bash")
