@@ -39,7 +39,7 @@ def check_main(argv: list[str]) -> int:
     """Formula vs finite differences of the whole pipeline; exit 1 if any relative error > 1e-4."""
     from .fd_check import TOLERANCE, run_check
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m precompute check",
         description="Check the multi-stage influence formula against a central finite difference of the "
                     "whole pipeline (re-pretrain with weight 1±h, re-finetune, re-evaluate) on a tiny "
@@ -338,7 +338,7 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
         if main_rank:                               # the other ranks hold no manifest
             say("\n".join(summary.lines()))
     if args.preset == "demo":
-        say(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
+        say(f"open the explorer (on 127.0.0.1 only): python -m explorer --runs {root}")
     return 0
 
 
