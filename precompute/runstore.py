@@ -761,7 +761,11 @@ def _make_parents(folder: Path) -> list[Path]:
         if os.path.lexists(d):
             break
         missing.append(d)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _remove_empty([d for d in missing if d.is_dir()])       # those made before the failure
+        raise
     return missing
 
 

@@ -349,3 +349,29 @@ def test_a_peer_dying_while_the_run_directory_is_created_leaves_nothing(tmp_path
     with pytest.raises(RanksFailed):
         run_on_ranks(_rank_dies_before_agreeing, 2, str(tmp_path / "runs" / "digits"), timeout_s=60)
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+def _corrupt_column_pages(path: Path, column: str) -> None:
+    """Overwrite the data pages of one column chunk with junk; footer and other columns stay intact."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start: start + chunk.total_compressed_size] = b"\xa5" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.usefixtures("clear_streamlit_caches")
+def test_corrupt_pages_show_the_broken_run_notice_in_the_explorer(small_run, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    run = _damaged_copy(small_run, tmp_path)
+    _corrupt_column_pages(run / "pretrain.parquet", "source")
+    open_run(run.parent, "r")                                # the schema and the id column are intact
+    monkeypatch.setenv("EXPLORER_RUNS_DIR", str(run.parent))
+    at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("pretrain.parquet is damaged" in e.value for e in at.error)
+    assert any("incomplete or damaged" in m.value for m in at.markdown)
