@@ -272,8 +272,9 @@ def _exit_on_sigterm(signum, frame):
     lands while a ``__del__`` or weakref callback runs, and the run would go on."""
     from .runstore import abort_open_writers
 
-    abort_open_writers()
-    print("interrupted (SIGTERM): nothing was written", file=sys.stderr, flush=True)
+    aborted = abort_open_writers()
+    print("interrupted (SIGTERM)" + "".join(f": nothing was written to {out}" for out in aborted),
+          file=sys.stderr, flush=True)
     os._exit(143)
 
 

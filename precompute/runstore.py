@@ -694,10 +694,14 @@ class RunWriter:
 _OPEN_WRITERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def abort_open_writers() -> None:
-    """Abort every uncommitted writer of this process (a SIGTERM handler calls it before exiting)."""
+def abort_open_writers() -> list[Path]:
+    """Abort every uncommitted writer of this process (a SIGTERM handler calls it before exiting);
+    returns the run directories they would have written."""
+    aborted = []
     for writer in list(_OPEN_WRITERS):
         writer.abort()
+        aborted.append(writer.out_dir)
+    return aborted
 
 
 @contextmanager
