@@ -92,6 +92,18 @@ def test_replacing_a_run_keeps_the_old_one_readable_until_commit(tmp_path, small
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "other"]       # the old one is gone
 
 
+def test_the_swap_is_one_atomic_exchange(tmp_path):
+    """Linux renameat2(RENAME_EXCHANGE): there is no moment without a run at the path."""
+    from precompute.runstore import _exchange
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "v").write_text("new")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "v").write_text("old")
+    assert _exchange(tmp_path / "new", tmp_path / "run")
+    assert (tmp_path / "run" / "v").read_text() == "new" and (tmp_path / "new" / "v").read_text() == "old"
+
+
 # ---- 2. resource guards -----------------------------------------------------------------------------
 
 def test_huge_images_are_refused_before_loading(tmp_path):
