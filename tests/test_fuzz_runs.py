@@ -30,8 +30,8 @@ from explorer import state  # noqa: E402
 from precompute.runstore import Run, RunStoreError, open_run  # noqa: E402
 from run_factory import write_synthetic_run  # noqa: E402
 
-N_READER_CASES = 400
-N_APP_CASES = 150
+N_READER_CASES = 300
+N_APP_CASES = 100
 PAGES = ("pages_/test_point.py", "pages_/validation.py", "pages_/pretrain_example.py", "pages_/run_info.py",
          "pages_/data_cleaning.py")
 TABLES = ("pretrain.parquet", "finetune_test.parquet", "validation/pairs.parquet", "validation/group.parquet",
