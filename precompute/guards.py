@@ -76,8 +76,8 @@ def input_features(config: RunConfig) -> tuple[int, str] | None:
             return config.model.vocabulary, f"--vocabulary {config.model.vocabulary}"
         try:
             size = _image_size(spec)
-        except (OSError, ValueError, struct.error):
-            size = None                                 # the loader reports this file precisely
+        except Exception:       # noqa: BLE001 (unreadable, or a decompression bomb: the loader reports it)
+            size = None
         if size:
             sizes.append(size)
     return max(sizes) if sizes else None
