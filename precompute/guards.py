@@ -6,6 +6,7 @@ the user's files (one image header, an IDX header or a .npy header; no pixel dat
 - parameters P of the embedding Linear(d_in, hidden) + heads, against ``ModelConfig.max_params``
   (``--max-params``): 4000x4000 images give P = 256 million, i.e. gigabytes per gradient;
 - the exact solver's dense P x P Hessian, against ``EXACT_MAX_PARAMS`` (use cg above it);
+- one scoring chunk's per-example gradients (chunk x P floats), against ``MAX_CHUNK_BYTES``;
 - validation by retraining: its dense preconditioner (``retraining.MAX_DENSE_PARAMS``), and the
   number of leave-one-out retrainings, against ``MAX_RETRAININGS``.
 
@@ -26,6 +27,7 @@ from .errors import PrecomputeError
 
 EXACT_MAX_PARAMS = 20_000          # dense float64 Hessian: 3.2 GB, eigendecomposition minutes
 MAX_RETRAININGS = 20_000           # leave-one-out retrainings of the validation step
+MAX_CHUNK_BYTES = 4 * 10 ** 9      # per-example gradients of one scoring chunk (float64)
 
 
 class ResourceLimitError(PrecomputeError, ValueError):
@@ -112,6 +114,12 @@ def check_resources(config: RunConfig) -> None:
             raise ResourceLimitError(
                 f"--solver exact needs a dense Hessian of {p:,}^2 entries ({gb:,.1f} GB) for this model; "
                 f"use --solver cg or auto (exact is meant for at most {EXACT_MAX_PARAMS:,} parameters)")
+        chunk_bytes = config.influence.chunk_size * p * 8
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise ResourceLimitError(
+                f"--chunk-size {config.influence.chunk_size} holds {chunk_bytes / 1e9:,.1f} GB of per-example "
+                f"gradients for a model of about {p:,} parameters; use --chunk-size "
+                f"{max(1, MAX_CHUNK_BYTES // (p * 8))} or less")
         if config.validate and p > MAX_DENSE_PARAMS:
             raise ResourceLimitError(
                 f"validation by retraining handles at most {MAX_DENSE_PARAMS:,} parameters per stage and "

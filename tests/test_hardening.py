@@ -127,6 +127,7 @@ def test_huge_images_are_refused_before_loading(tmp_path):
     (["--preset", "digits", "--no-validate", "--solver", "exact", "--hidden", "400"], "use --solver cg"),
     (["--preset", "digits", "--hidden", "100"], "pass --no-validate"),          # RetrainError after minutes before
     (["--preset", "digits", "--k", "3000"], "lower --k or --val-points"),
+    (["--preset", "digits", "--no-validate", "--chunk-size", "1000000"], "use --chunk-size 444444 or less"),
     (["--preset", "news", "--no-validate", "--vocabulary", "500000"], "--max-params"),
 ])
 def test_resource_guards_stop_before_work(capsys, tmp_path, args, needle):
