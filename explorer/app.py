@@ -1,7 +1,9 @@
 """Multi-stage influence explorer: the Streamlit entry point.
 
-    streamlit run explorer/app.py --server.address 127.0.0.1 --server.headless true \
-        --browser.gatherUsageStats false [-- --runs DIR]
+    python -m explorer [--runs DIR]              the safe way: 127.0.0.1 only, usage statistics off
+    python explorer/app.py [--runs DIR]          the same
+    streamlit run explorer/app.py [-- --runs DIR]   binds 127.0.0.1 too (explorer/.streamlit/config.toml
+                                                 sits beside this script, so it applies from any folder)
 
 Runs are read from ``--runs DIR`` (after ``--``), else $EXPLORER_RUNS_DIR, else ./runs. This script
 draws the sidebar (run and scenario), opens the run, and hands over to the current page.
@@ -15,6 +17,14 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+
+if __name__ == "__main__":
+    from streamlit import runtime as _runtime
+
+    if not _runtime.exists():                # `python explorer/app.py`: start the server the safe way
+        from explorer.__main__ import main as _launch
+
+        sys.exit(_launch(sys.argv[1:]))
 
 import streamlit as st  # noqa: E402
 
@@ -30,12 +40,10 @@ _SCENARIO_HELP = {
 
 def _empty_state(root: Path) -> None:
     st.title("Multi-stage influence explorer")
-    st.info(f"No runs found in `{root}`. A run is made offline by the precompute step; make one with:")
+    st.info(f"No runs found in {state.literal(root)}. A run is made offline by the precompute step; make one with:")
     st.code(state.DEMO_COMMAND, language="bash")
-    st.markdown(
-        "then reload this page. To read runs from another folder, start the app with "
-        "`streamlit run explorer/app.py -- --runs DIR` or set `EXPLORER_RUNS_DIR`."
-    )
+    st.markdown("then reload this page. To read runs from another folder, start the app with:")
+    st.code(state.EXPLORER_COMMAND.replace("runs runs", "runs DIR"), language="bash")
 
 
 def _sidebar(root: Path, runs: list[str]):
@@ -43,7 +51,8 @@ def _sidebar(root: Path, runs: list[str]):
     if st.session_state.get(SEL_RUN) not in runs:
         asked = st.session_state.get(SEL_RUN)
         if asked is not None and state.link_value("run") == asked:
-            state.notice(f"Run '{asked}' was not found in {root}; showing '{runs[0]}'.")
+            state.notice(f"Run {state.literal(asked)} was not found in {state.literal(root)}; showing "
+                         f"{state.literal(runs[0])}.")
         st.session_state[SEL_RUN] = runs[0]
     with st.sidebar:
         state.bind("w_run", SEL_RUN)
@@ -104,19 +113,26 @@ def main() -> None:
 
     ctx, error = _sidebar(root, runs)
     state.set_context(ctx)
+    for text in state.pop_notices():
+        st.warning(text)                      # values inside are literal() code spans
     if ctx is None:
-        st.title("Multi-stage influence explorer")
-        st.error(error)
-        st.markdown(
-            f"The run directory is incomplete or damaged. Re-create it with the precompute step "
-            f"(for example `{state.DEMO_COMMAND} --overwrite`), or pick another run in the sidebar."
-        )
+        _broken_run(root, error)
         state.sync_query_params()
         return
-    for text in state.pop_notices():
-        st.warning(text)
-    page.run()
+    try:
+        page.run()
+    except state.RunStoreError as exc:            # a table or array of the run is damaged
+        _broken_run(root, str(exc))
     state.sync_query_params(include_pretrain=page.url_path == "pretraining-example")
+
+
+def _broken_run(root: Path, error: str) -> None:
+    """The notice for a run that cannot be shown (instead of a traceback)."""
+    st.title("Multi-stage influence explorer")
+    st.error(state.literal(error))
+    st.markdown("The run directory is incomplete or damaged. Pick another run in the sidebar, or move "
+                "the damaged folder away and re-create the runs with the precompute step:")
+    st.code(state.DEMO_COMMAND, language="bash")
 
 
 main()

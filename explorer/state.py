@@ -11,6 +11,7 @@ rewritten at the end of every script run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ RUNS_ENV = "EXPLORER_RUNS_DIR"
 DEFAULT_RUNS_DIR = "runs"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_COMMAND = "python -m precompute --preset demo"
+# The safe way to start the app (binds 127.0.0.1, usage statistics off): every hint shows it.
+EXPLORER_COMMAND = "python -m explorer --runs runs"
 
 SEL_RUN, SEL_SCENARIO, SEL_TEST, SEL_PRETRAIN = "sel_run", "sel_scenario", "sel_test", "sel_pretrain"
 _QP_KEYS = {"run": SEL_RUN, "scenario": SEL_SCENARIO, "test": SEL_TEST, "pretrain": SEL_PRETRAIN}
@@ -150,6 +153,15 @@ def pop_notices() -> list[str]:
     return st.session_state.pop("_notices", [])
 
 
+def literal(value: Any) -> str:
+    """``value`` as a Markdown code span, shown exactly as written: a value from a deep link or a
+    folder name never becomes a link, an image (a request to any host), HTML, math or a directive.
+    (Backslash escapes are not enough: Streamlit links bare URLs found in the text after parsing.)"""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
 def select(sel_key: str, value: Any) -> None:
     st.session_state[sel_key] = value
 
@@ -171,12 +183,14 @@ def ensure_valid(ctx_run: Run, scenario_default: str | None = None) -> None:
     if st.session_state.get(SEL_SCENARIO) not in run.scenarios:
         asked = st.session_state.get(SEL_SCENARIO)
         if asked is not None and link_value("scenario") == asked:
-            notice(f"Scenario '{asked}' is not in run '{run.name}'; showing '{run.scenarios[0]}'.")
+            notice(f"Scenario {literal(asked)} is not in run {literal(run.name)}; showing "
+                   f"{literal(run.scenarios[0])}.")
         st.session_state[SEL_SCENARIO] = scenario_default or run.scenarios[0]
     test = st.session_state.get(SEL_TEST)
     if test not in run.test_points:
         if test is not None and link_value("test") is not None and parse_int(link_value("test")) == test:
-            notice(f"Test point {test} was not scored in run '{run.name}'; showing test point {run.test_points[0]}.")
+            notice(f"Test point {test} was not scored in run {literal(run.name)}; showing test point "
+                   f"{run.test_points[0]}.")
         st.session_state[SEL_TEST] = run.test_points[0]
     pid = st.session_state.get(SEL_PRETRAIN)
     if not isinstance(pid, int) or not 0 <= pid < run.n_pretrain:
@@ -210,8 +224,8 @@ def set_context(ctx: Ctx | None) -> None:
 
 
 __all__ = [
-    "ASSETS", "Ctx", "DEMO_COMMAND", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
+    "ASSETS", "Ctx", "DEMO_COMMAND", "EXPLORER_COMMAND", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
     "SEL_TEST", "bind", "context", "copy_to_selection", "ensure_valid", "get_run", "init_from_query_params",
-    "list_runs", "on_run_change", "parse_int", "resolve_runs_root", "run_from_key", "select", "set_context",
+    "list_runs", "literal", "on_run_change", "parse_int", "resolve_runs_root", "run_from_key", "select", "set_context",
     "sync_query_params",
 ]

@@ -11,11 +11,18 @@ Bad input stops with one line, ``error: ...``, and exit status 2; nothing half-w
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from dataclasses import Field, fields, replace
 from pathlib import Path
 
-from .config import SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import PrecomputeError
 from .presets import PRESET_MODELS, quick_config
 
 # (run name, preset, {flag dest: value}): the noisy run (for the Data cleaning page) is quick-sized
@@ -31,7 +38,7 @@ def check_main(argv: list[str]) -> int:
     """Formula vs finite differences of the whole pipeline; exit 1 if any relative error > 1e-4."""
     from .fd_check import TOLERANCE, run_check
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m precompute check",
         description="Check the multi-stage influence formula against a central finite difference of the "
                     "whole pipeline (re-pretrain with weight 1±h, re-finetune, re-evaluate) on a tiny "
@@ -52,7 +59,26 @@ def check_main(argv: list[str]) -> int:
 
 
 def _csv(kind=str):
-    return lambda text: tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, e.g. "
+                                             f"{'0,5,9' if kind is int else '1,5' if kind is float else 'a,b'}; "
+                                             f"got {text!r}") from None
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+class UsageError(PrecomputeError, ValueError):
+    """A command-line value is invalid; the message names the flag and the fix."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line prints one line (``error: ...; see --help``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def _paths(dest: str) -> tuple[str, ...]:
@@ -110,7 +136,7 @@ def option(dest: str, help: str | None = None, **extra) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m precompute",
         description="Train both stages, score every pretraining example for chosen finetune test points "
                     "with the multi-stage influence function, check the scores by retraining, and write a "
@@ -159,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-l2", **option("model.pretrain_l2"))
     g.add_argument("--finetune-l2", **option("model.finetune_l2"))
     g.add_argument("--vocabulary", **option("model.vocabulary"))
+    g.add_argument("--max-params", **option("model.max_params"))
 
     g = p.add_argument_group("training")
     g.add_argument("--train-iters", **option("train.max_iter"))
@@ -200,11 +227,100 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
     return config
 
 
+def _effective(args: argparse.Namespace) -> argparse.Namespace:
+    """Each valued flag as the run will see it (given, or the config's default), by flag name:
+    ``--max-iter`` -> ``max_iter`` (switches such as --no-validate keep their raw value). Flags
+    default to None so that only given ones override a config."""
+    values = {}
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = action.option_strings[0].lstrip("-").replace("-", "_")
+        value = getattr(args, action.dest, None)
+        if value is None and _paths(action.dest)[0].split(".")[0] in {f.name for f in fields(RunConfig)}:
+            value = _get(RunConfig(out=""), _paths(action.dest)[0])
+        values[name] = value
+    return argparse.Namespace(**values)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every value checked before any work: UsageError naming the flag and the fix."""
+    def need(ok: bool, flag: str, value, rule: str, example: str) -> None:
+        if not ok:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise UsageError(f"{flag} {shown}: {rule}; for example {flag} {example}")
+
+    def finite(x) -> bool:
+        return x is not None and math.isfinite(x)
+
+    args = _effective(args)
+
+    need(0 <= args.seed < 2 ** 32, "--seed", args.seed, "must be an integer from 0 to 4294967295", "0")
+    need(args.threads >= 1, "--threads", args.threads, "must be at least 1", "1")
+    need(finite(args.damping) and args.damping >= 0, "--damping", args.damping, "must be a finite number >= 0", "1e-3")
+    need(finite(args.alpha) and args.alpha > 0, "--alpha", args.alpha,
+         "must be a finite number > 0 (the proximal coefficient)", "0.1")
+    need(args.rank >= 1, "--rank", args.rank, "must be at least 1", "128")
+    need(args.max_iter >= 1, "--max-iter", args.max_iter, "must be at least 1", "1000")
+    need(args.chunk_size >= 1, "--chunk-size", args.chunk_size, "must be at least 1", "256")
+    need(bool(args.scenarios) and len(set(args.scenarios)) == len(args.scenarios)
+         and set(args.scenarios) <= set(SCENARIOS), "--scenarios", tuple(args.scenarios),
+         f"must be distinct names among {', '.join(SCENARIOS)}", "fixed,updated")
+    need(args.n_test is None or args.n_test >= 1, "--n-test", args.n_test, "must be at least 1", "32")
+    need(all(t >= 0 for t in args.test_ids), "--test-ids", args.test_ids,
+         "finetune test ids are 0 or more", "0,5,9")
+    need(len(set(args.test_ids)) == len(args.test_ids), "--test-ids", args.test_ids,
+         "lists an id twice; give each id once", ",".join(map(str, dict.fromkeys(args.test_ids))))
+    for flag, value, example in (("--hidden", args.hidden, "16"), ("--vocabulary", args.vocabulary, "400"),
+                                 ("--val-points", args.val_points, "8"), ("--k", args.k, "8"),
+                                 ("--max-params", args.max_params, "1000000")):
+        need(value is None or value >= 1, flag, value, "must be at least 1", example)
+    for flag, value in (("--pretrain-l2", args.pretrain_l2), ("--finetune-l2", args.finetune_l2)):
+        need(value is None or (finite(value) and value >= 0), flag, value, "must be a finite number >= 0", "1e-2")
+    for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps)):
+        need(value is None or value >= 0, flag, value, "must be 0 or more", "10")
+    need(args.group_percents is None or (bool(args.group_percents) and all(
+        finite(x) and 0 < x < 100 for x in args.group_percents)), "--group-percents", args.group_percents,
+         "each size must be a percentage between 0 and 100 (exclusive)", "1,2,5,10")
+    need(finite(args.label_noise) and 0 <= args.label_noise <= 1, "--label-noise", args.label_noise,
+         "must be a fraction from 0 to 1", "0.1")
+    need(finite(args.finetune_test_fraction) and 0 < args.finetune_test_fraction < 1, "--finetune-test-fraction",
+         args.finetune_test_fraction, "must be a fraction between 0 and 1 (exclusive)", "0.5")
+    for flag, names in (("--pretrain-classes", args.pretrain_classes), ("--finetune-classes", args.finetune_classes)):
+        need(len(set(names)) == len(names), flag, names, "lists a class twice; give each class once",
+             ",".join(dict.fromkeys(names)))
+    one_source = not args.finetune_data or args.finetune_data == args.pretrain_data
+    both = [c for c in args.pretrain_classes if c in set(args.finetune_classes)]
+    if one_source and both:
+        raise UsageError(f"--pretrain-classes and --finetune-classes both list {', '.join(both)}: a class "
+                         "belongs to one task; remove it from one of the two lists")
+    device = args.device
+    need(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+         "--device", device, "must be auto, cpu, cuda or cuda:N", "cpu")
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM: remove the unfinished run (its temporary directory and the parents it created), say
+    so and exit 143. Not by raising: an exception raised in a signal handler is lost when the signal
+    lands while a ``__del__`` or weakref callback runs, and the run would go on."""
+    from .runstore import abort_open_writers
+
+    aborted = abort_open_writers()
+    print("interrupted (SIGTERM)" + "".join(f": nothing was written to {out}" for out in aborted),
+          file=sys.stderr, flush=True)
+    os._exit(143)
+
+
 def pipeline_main(argv: list[str]) -> int:
     """One run (or the demo's runs). Under torchrun every rank runs this; rank 0 alone prints."""
     from .distributed import close_distributed, get_rank, init_distributed
 
     args = build_parser().parse_args(argv)
+    check_args(args)
+    try:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)   # under torchrun, init_distributed replaces it
+    except ValueError:                                       # not the main thread
+        pass
     import torch
     torch.set_num_threads(max(1, args.threads))
     try:
@@ -219,12 +335,8 @@ def pipeline_main(argv: list[str]) -> int:
 
 
 def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
-    from .data import DataError
-    from .distributed import DistributedError, broadcast_object
+    from .distributed import broadcast_object
     from .pipeline import run_pipeline
-    from .runstore import RunStoreError
-    from .solvers import SolverError
-    from .task import TaskError
 
     say = (lambda text: print(text, flush=True)) if main_rank else (lambda text: None)
     if args.preset == "demo":
@@ -232,6 +344,8 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
         jobs = [(preset, f"{root}/{name}", extra) for name, preset, extra in DEMO_RUNS]
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
+    from .guards import check_resources
+
     for preset, out, extra in jobs:
         if args.preset == "demo" and not args.overwrite and \
                 broadcast_object(main_rank and (Path(out) / "manifest.json").exists()):   # rank 0 decides
@@ -239,11 +353,17 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
             continue
         try:
             config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
+            check_resources(config)
             say(f"== {preset} -> {out}")
             summary = run_pipeline(config)
-        except (DataError, TaskError, SolverError, RunStoreError, DistributedError, ValueError) as err:
+        except (PrecomputeError, ValueError) as err:   # DataError, TaskError, RetrainError, ... and configs
             if main_rank:                           # other ranks' errors reach rank 0 by name
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:                      # reading inputs: permissions, vanished files
+            if main_rank:
+                print(f"error: {err.filename or out}: {err.strerror or err}; check the path and its "
+                      "permissions", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             if main_rank:
@@ -252,12 +372,48 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
         if main_rank:                               # the other ranks hold no manifest
             say("\n".join(summary.lines()))
     if args.preset == "demo":
-        say(f"open the explorer: streamlit run explorer/app.py --server.address 127.0.0.1 -- --runs {root}")
+        say(f"open the explorer (on 127.0.0.1 only): python -m explorer --runs {root}")
     return 0
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (the CLI prints every failure as one line)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def write_crash_log(err: BaseException) -> Path | None:
+    """Save the traceback of an unexpected error to a log file; its path, or None if none could be written."""
+    name = f"precompute-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (Path(tempfile.gettempdir()), Path.cwd()):
+        try:
+            path = folder / name
+            path.write_text("python -m precompute " + " ".join(sys.argv[1:]) + "\n\n"
+                            + "".join(traceback.format_exception(err)), encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 on success, 2 for bad input (one line ``error: ...``), 1 for an internal error
+    (one line plus the path of a log file holding the traceback), 130/143 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["check"]:
-        return check_main(argv[1:])
-    return pipeline_main(argv)
+    try:
+        if argv[:1] == ["check"]:
+            return check_main(argv[1:])
+        return pipeline_main(argv)
+    except (PrecomputeError, ValueError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as done:                      # argparse (after its one line), --help
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
+    except Exception as err:       # noqa: BLE001 (the last line of defence: no traceback on screen)
+        log = write_crash_log(err)
+        where = f"the traceback is in {log}" if log else "no log file could be written"
+        print(f"error: internal error ({type(err).__name__}: {one_line(err)}); {where}; please report it",
+              file=sys.stderr)
+        return 1

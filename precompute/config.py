@@ -209,12 +209,16 @@ class ModelConfig:
     hidden:       embedding width.
     pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.   Both ``DEFAULT_L2`` unless set.
     vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
+    max_params:   the CLI refuses, before loading any data, inputs that would give a model of more
+                  parameters (``precompute.guards``; --max-params lifts it).
     """
 
     hidden: int = knob(16, "embedding width")
     pretrain_l2: float = knob(DEFAULT_L2, "λ_P on the pretraining parameters")
     finetune_l2: float = knob(DEFAULT_L2, "λ_F on the finetuning head")
     vocabulary: int = knob(400, "text: tf-idf vocabulary size")
+    max_params: int = knob(1_000_000, "refuse, before loading any data, inputs that would give a model of more "
+                                      "parameters (for example very large images)")
 
 
 @dataclass(frozen=True)

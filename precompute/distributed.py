@@ -399,18 +399,18 @@ def rank_zero_writer(out_dir: str | Path, overwrite: bool = False):
     from .runstore import RunWriter     # here, not at the top: the math layer imports this module
 
     writer, error = None, None
-    if get_rank() == 0:
-        try:
-            writer = RunWriter(out_dir, overwrite=overwrite)
-        except Exception as err:      # noqa: BLE001
-            error = err
-    agree(error, "creating the run directory")
     with ExitStack() as stack:
-        if writer is not None:
+        if get_rank() == 0:
+            try:
+                writer = RunWriter(out_dir, overwrite=overwrite)
+            except Exception as err:      # noqa: BLE001
+                error = err
+        if writer is not None:            # owned before the agreement: a peer may die during it
             stack.enter_context(writer)
             abort = lambda: writer._committed or writer.abort()      # noqa: E731
             _SIGTERM_CLEANUPS.append(abort)
             stack.callback(_SIGTERM_CLEANUPS.remove, abort)
+        agree(error, "creating the run directory")
         yield writer
 
 

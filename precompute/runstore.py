@@ -28,6 +28,9 @@ it at start-up); numpy, pandas, pyarrow and json only.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import math
 import os
@@ -35,6 +38,8 @@ import re
 import secrets
 import shutil
 import threading
+import weakref
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -172,7 +177,11 @@ def _dump_json(path: Path, obj: Any) -> None:
 
 
 def _load_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """Parse a JSON file; RecursionError (absurdly deep nesting) is reported as ValueError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +195,8 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     except ValueError as exc:  # object arrays need pickle
         raise RunStoreError(f"{path.name}: cannot be read without pickle ({exc})") from exc
     except Exception as exc:
-        raise RunStoreError(f"{path.name}: not a readable .npy file ({exc})") from exc
+        raise RunStoreError(f"{path.name}: not a readable .npy file ({' '.join(str(exc).split())}); "
+                            "re-run precompute") from exc
     return tuple(arr.shape), arr.dtype
 
 
@@ -197,8 +207,125 @@ def _parquet_meta(path: Path) -> tuple[int, list[str]]:
         meta = pq.read_metadata(path)
         schema = pq.read_schema(path)
     except Exception as exc:
-        raise RunStoreError(f"{path.name}: not a readable Parquet file ({exc})") from exc
+        raise RunStoreError(f"{path.name}: not a readable Parquet file ({' '.join(str(exc).split())}); "
+                            "re-run precompute") from exc
     return int(meta.num_rows), list(schema.names)
+
+
+# A schema of the manifest's types (not only its keys): the explorer formats these values without
+# further checks, so a string where a number belongs must be refused on read, not crash a page.
+# Each checker raises ValueError naming the key path; extra keys are allowed (forward compatible).
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, iteratively (a deep document must not exhaust the stack)."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
+    return depth
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check(ok: bool, path: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{path} must be {what}")
+
+
+def _str(v, path):
+    _check(isinstance(v, str), path, "a string")
+
+
+def _int(v, path):
+    _check(_is_int(v), path, "an integer")
+
+
+def _num_or_null(v, path):
+    _check(v is None or _is_num(v), path, "a finite number or null")
+
+
+def _optional(checker):
+    def check(v, path):
+        if v is not None:
+            checker(v, path)
+    return check
+
+
+def _list_of(checker):
+    def check(v, path):
+        _check(isinstance(v, list), path, "a list")
+        for i, x in enumerate(v):
+            checker(x, f"{path}[{i}]")
+    return check
+
+
+def _dict_of(checker):
+    def check(v, path):
+        _check(isinstance(v, dict), path, "an object")
+        for k, x in v.items():
+            checker(x, f"{path}.{k}")
+    return check
+
+
+def _record(fields: dict):
+    """An object whose listed keys, where present, have the listed types (other keys: any)."""
+    def check(v, path):
+        _check(isinstance(v, dict), path, "an object")
+        for k, checker in fields.items():
+            if k in v:
+                checker(v[k], f"{path}.{k}")
+    return check
+
+
+def _any_json(v, path):
+    pass
+
+
+def _stat(v, path):
+    """A statistic (number or null) or one level of them ({"per_test_point": {"12": 0.9, ...}})."""
+    (_dict_of(_num_or_null) if isinstance(v, dict) else _num_or_null)(v, path)
+
+
+_STATS = _dict_of(_stat)                        # {"pearson": 0.9, "n_pairs": 24, "per_test_point": {...}}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "format_version": _int, "name": _str, "created": _str, "preset": _str, "modality": _str,
+    "n_pretrain": _int, "n_finetune_test": _int,
+    "test_points": _list_of(_int), "validation_test_points": _list_of(_int), "scenarios": _list_of(_str),
+    "score_definition": _str,
+    "pretrain_class_names": _list_of(_str), "finetune_class_names": _list_of(_str),
+    "pretrain_accuracy": _num_or_null, "finetune_accuracy": _dict_of(_num_or_null),
+    "validation": _dict_of(_STATS), "baselines": _dict_of(_dict_of(_STATS)),
+    "group_removal": _dict_of(_STATS), "validation_protocol": _str,
+    "timings_s": _dict_of(_num_or_null), "diagnostics": _dict_of(_dict_of(_any_json)),
+    "config": _dict_of(_any_json),
+    "label_noise": _optional(_record({"rate": _num_or_null, "seed": _int, "n_flipped": _int})),
+    "mislabel_detection": _optional(_dict_of(_STATS)),
+    "image_shape": _optional(_list_of(_int)),
+    # optional keys
+    "device": _str, "dtype": _str, "world_size": _int, "n_pretrain_params": _int, "n_finetune_params": _int,
+    "lds": _optional(_dict_of(_any_json)), "cleaning": _optional(_dict_of(_any_json)),
+}
+
+
+def check_manifest_types(manifest: Any) -> None:
+    """Raise ValueError naming the first value of the wrong type (see MANIFEST_SCHEMA)."""
+    _check(isinstance(manifest, dict), "manifest.json", "a JSON object")
+    _check(_json_depth(manifest) <= MAX_JSON_DEPTH, "manifest.json", f"nested at most {MAX_JSON_DEPTH} levels deep")
+    for key, checker in MANIFEST_SCHEMA.items():
+        if key in manifest:
+            checker(manifest[key], key)
 
 
 def _validate(run_dir: Path, manifest: dict, label: str) -> None:
@@ -223,6 +350,10 @@ def _validate(run_dir: Path, manifest: dict, label: str) -> None:
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:
         fail(f"manifest.json lacks {', '.join(missing)}; re-run precompute")
+    try:
+        check_manifest_types(manifest)
+    except ValueError as exc:
+        fail(f"manifest.json: {exc}; re-run precompute")
     if manifest["format_version"] != FORMAT_VERSION:
         fail(f"format_version {manifest['format_version']!r} is not supported (expected {FORMAT_VERSION})")
     modality = manifest["modality"]
@@ -289,10 +420,94 @@ def _validate(run_dir: Path, manifest: dict, label: str) -> None:
         _, cols = _parquet_meta(rel_exists("cleaning/signals.parquet"))
         if "id" not in cols:
             fail("cleaning/signals.parquet lacks column id")
+    _check_tables(run_dir, manifest, fail)
+
+
+# Column kinds the explorer relies on ("int", "num" = int or float, "bool", "str"); columns not
+# listed may have any type.
+_PRETRAIN_KINDS = {"id": "int", "label": "int", "label_name": "str", "source": "str", "pretrain_loss": "num",
+                   "predicted_label": "int", "text": "str", "original_label": "int", "flipped": "bool"}
+_TEST_KINDS = {"id": "int", "label": "int", "label_name": "str", "source": "str", "text": "str",
+               "pred_": "int", "loss_": "num", "correct_": "bool"}
+_PAIRS_KINDS = {"scenario": "str", "test_id": "int", "pretrain_id": "int", "kind": "str", "predicted": "num",
+                "actual": "num", "grad_norm": "num", "converged": "bool"}
+_GROUP_KINDS = {"scenario": "str", "test_id": "int", "kind": "str", "percent": "num", "n_removed": "int",
+                "predicted": "num", "actual": "num", "accuracy_change": "num"}
+
+
+def _kind_ok(kind: str, dtype) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if kind == "int":
+        return pa.types.is_integer(dtype)
+    if kind == "num":
+        return pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
+    if kind == "bool":
+        return pa.types.is_boolean(dtype)
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or \
+        (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(dtype)) or pa.types.is_null(dtype)
+
+
+def _check_tables(run_dir: Path, manifest: dict, fail) -> None:
+    """Column types of every table, and the id columns of the two main tables (0..n-1 in order:
+    the explorer looks rows up by position). Reads schemas and the id columns only."""
+    import pyarrow.parquet as pq
+
+    for rel, kinds in (("pretrain.parquet", _PRETRAIN_KINDS), ("finetune_test.parquet", _TEST_KINDS),
+                       ("validation/pairs.parquet", _PAIRS_KINDS), ("validation/group.parquet", _GROUP_KINDS),
+                       ("cleaning/signals.parquet", {"id": "int"})):
+        path = run_dir / rel
+        if not path.is_file():
+            continue
+        try:
+            schema = pq.read_schema(path)
+            for field in schema:
+                kind = kinds.get(field.name) or next((k for prefix, k in kinds.items()
+                                                      if prefix.endswith("_") and field.name.startswith(prefix)), None)
+                if kind and not _kind_ok(kind, field.type):
+                    fail(f"{rel}: column {field.name} has type {field.type}, expected {kind}; re-run precompute")
+            if rel in ("pretrain.parquet", "finetune_test.parquet"):
+                ids = pq.read_table(path, columns=["id"]).column("id").to_numpy(zero_copy_only=False)
+                if not np.array_equal(ids, np.arange(len(ids))):
+                    fail(f"{rel}: column id must be 0, 1, 2, ... in order; re-run precompute")
+        except RunStoreError:
+            raise
+        except Exception as exc:       # noqa: BLE001 (pyarrow raises many kinds on damaged files)
+            fail(f"{rel} is damaged ({type(exc).__name__}); re-run precompute")
 
 
 # --------------------------------------------------------------------------------------------------
 # writer
+
+
+def _write_error(out_dir: Path, exc: OSError) -> RunStoreError:
+    """One line: which run could not be written, why, and what to do."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    why = (exc.strerror or str(exc) or type(exc).__name__).replace("\n", " ")
+    # numpy reports a short write ("N requested and M written") without an errno; on a regular file
+    # that happens only when the disk is full or the file-size limit is reached.
+    short_write = exc.errno is None and re.search(r"requested and \d+ written", str(exc))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
+        why = "disk full or file size limit reached" if short_write else why
+        fix = "free disk space or choose an --out on another disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose an --out in a folder you can write"
+    else:
+        fix = "choose another --out"
+    return RunStoreError(f"cannot write run {out_dir}: {why}{where}; {fix}")
+
+
+def _reports_io_errors(method):
+    """Writer methods raise RunStoreError (one line, with the fix) instead of a bare OSError."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            raise _write_error(self.out_dir, exc) from exc
+    return wrapper
 
 
 class RunWriter:
@@ -314,14 +529,27 @@ class RunWriter:
         self.out_dir = Path(out_dir)
         self.overwrite = bool(overwrite)
         validate_run_name(self.out_dir.name)
-        if self.out_dir.exists() and not self.overwrite:
-            raise RunStoreError(f"{out_dir} exists; pass --overwrite or choose another --out")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        suffix = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.path = self.out_dir.parent / f".{self.out_dir.name}.tmp-{suffix}"
-        self.path.mkdir()
+        if os.path.lexists(self.out_dir):
+            if not self.overwrite:
+                raise RunStoreError(f"{out_dir} exists; pass --overwrite or choose another --out")
+            check_replaceable(self.out_dir)
         self._committed = False
         self._closed = False
+        made: list[Path] = []
+        try:
+            made = _make_parents(self.out_dir.parent)
+            remove_stale_temporaries(self.out_dir.parent)
+            suffix = f"{os.getpid()}-{secrets.token_hex(4)}"
+            self.path = self.out_dir.parent / f".{self.out_dir.name}.tmp-{suffix}"
+            self.path.mkdir()
+        except OSError as exc:
+            _remove_empty(made)
+            raise _write_error(self.out_dir, exc) from exc
+        # Whatever way this writer is lost without a commit (an exception before the ``with`` block
+        # is entered, garbage collection, interpreter exit on SIGTERM), the temporary directory and
+        # the parents it created go too.
+        self._finalizer = weakref.finalize(self, _discard, self.path, made)
+        _OPEN_WRITERS.add(self)
 
     # context manager ----------------------------------------------------------------------------
     def __enter__(self) -> RunWriter:
@@ -333,9 +561,11 @@ class RunWriter:
         return False
 
     def abort(self) -> None:
-        """Delete the temporary directory (nothing is committed)."""
+        """Delete the temporary directory and the parent folders this writer created."""
         self._closed = True
-        shutil.rmtree(self.path, ignore_errors=True)
+        _OPEN_WRITERS.discard(self)
+        if not self._committed:
+            self._finalizer()
 
     # file writers ---------------------------------------------------------------------------------
     def _target(self, relpath: str) -> Path:
@@ -345,6 +575,7 @@ class RunWriter:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    @_reports_io_errors
     def save_array(self, relpath: str, array: np.ndarray, block_rows: int = 65536) -> None:
         """Save a numeric array as .npy (no pickle; object arrays are refused).
 
@@ -368,14 +599,17 @@ class RunWriter:
         with open(self._target(relpath), "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
 
+    @_reports_io_errors
     def save_table(self, relpath: str, table: pd.DataFrame) -> None:
         """Save a DataFrame as Parquet (index dropped)."""
         table.to_parquet(self._target(relpath), index=False)
 
+    @_reports_io_errors
     def save_json(self, relpath: str, obj: Any) -> None:
         """Save a JSON document (numpy values converted, NaN/inf written as null)."""
         _dump_json(self._target(relpath), obj)
 
+    @_reports_io_errors
     def save_tensors(self, relpath: str, tensors: dict[str, np.ndarray]) -> None:
         """Save named numpy arrays as safetensors."""
         from safetensors.numpy import save_file
@@ -384,6 +618,7 @@ class RunWriter:
         save_file(arrays, str(self._target(relpath)))
 
     # commit ---------------------------------------------------------------------------------------
+    @_reports_io_errors
     def commit(self, manifest: dict) -> Path:
         """Validate, write manifest.json last, rename into place; return the final path."""
         if self._committed or self._closed:
@@ -397,22 +632,159 @@ class RunWriter:
         _validate(self.path, manifest, self.out_dir.name)
         _dump_json(self.path / "manifest.json", manifest)
 
+        with _signals_deferred():
+            return self._swap_in()
+
+    def _swap_in(self) -> Path:
         old: Path | None = None
-        if self.out_dir.exists():
+        if os.path.lexists(self.out_dir):
             if not self.overwrite:
                 raise RunStoreError(f"{self.out_dir} exists; pass --overwrite or choose another --out")
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(self.out_dir, old)
-        try:
-            os.rename(self.path, self.out_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.out_dir)
-            raise
+            check_replaceable(self.out_dir)          # it may have changed while this run was computed
+            if _exchange(self.path, self.out_dir):   # one atomic step: readers see the old or the new run
+                old = self.path
+            else:
+                old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                os.rename(self.out_dir, old)
+        if old is None or old != self.path:
+            try:
+                os.rename(self.path, self.out_dir)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self.out_dir)
+                raise
         self._committed = True
+        _OPEN_WRITERS.discard(self)
+        self._finalizer.detach()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out_dir
+
+
+_OPEN_WRITERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def abort_open_writers() -> list[Path]:
+    """Abort every uncommitted writer of this process (a SIGTERM handler calls it before exiting);
+    returns the run directories they would have written."""
+    aborted = []
+    for writer in list(_OPEN_WRITERS):
+        writer.abort()
+        aborted.append(writer.out_dir)
+    return aborted
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block is done: the renames that swap a run in must not
+    be cut in half (the old run moved aside, the new one not yet in place)."""
+    import signal
+
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        blocked = None
+    try:
+        yield
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Raise RunStoreError unless ``out_dir`` is a complete run of this project (its manifest and
+    files validate): ``--overwrite`` must never delete a folder of other files, or a runs root."""
+    out_dir = Path(out_dir)
+    reason = None
+    if out_dir.is_symlink():
+        reason = "it is a symbolic link"
+    elif not out_dir.is_dir():
+        reason = "it is not a directory"
+    else:
+        try:
+            open_run(out_dir.parent, out_dir.name)
+        except RunStoreError as exc:
+            reason = str(exc).replace(f"run '{out_dir.name}': ", "")
+    if reason:
+        raise RunStoreError(f"--overwrite refused: {out_dir} is not a complete run written by this project "
+                            f"({reason}); nothing was deleted; choose another --out, or move that folder "
+                            f"away yourself")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system does not offer it (the caller then renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing ancestors; return those created, deepest first."""
+    missing = []
+    for d in [folder, *folder.parents]:
+        if os.path.lexists(d):
+            break
+        missing.append(d)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _remove_empty([d for d in missing if d.is_dir()])       # those made before the failure
+        raise
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:                 # deepest first; stops at the first that is not empty
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def _discard(path: Path, made_parents: list[Path]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _remove_empty(made_parents)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True                   # someone else's process, or not a PID: keep its folder
+    return True
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete ``ROOT/.<name>.tmp-<pid>-<hex>`` (and ``.old-``) folders whose process is gone: a run
+    killed with SIGKILL cannot clean up after itself. Assumes the runs root is not shared between
+    machines (PIDs are per machine); a folder of a live PID is kept."""
+    removed = []
+    try:
+        entries = list(Path(root).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir() or _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,6 +824,8 @@ def open_run(root: str | Path, name: str) -> Run:
     if not resolved.is_dir():
         raise RunStoreError(f"run '{name}' not found under {root}")
     mpath = resolved / "manifest.json"
+    if os.path.lexists(mpath) and not _is_inside(mpath, resolved):
+        raise RunStoreError(f"run '{name}': manifest.json points outside the run directory; refusing to read it")
     if not mpath.is_file():
         raise RunStoreError(f"run '{name}': missing manifest.json; re-run precompute")
     try:
@@ -502,7 +876,18 @@ class Run:
             raise RunStoreError(f"run '{self.name}': test point {test_id!r} was not scored") from None
 
     def _file(self, rel: str) -> Path:
-        return self.path / _check_relpath(rel)
+        p = self.path / _check_relpath(rel)
+        if os.path.lexists(p) and not _is_inside(p, self.path):
+            raise RunStoreError(f"run '{self.name}': {rel} points outside the run directory; refusing to read it")
+        return p
+
+    def _read_table(self, rel: str) -> pd.DataFrame:
+        """A Parquet table of the run; a damaged file raises RunStoreError (the explorer's notice)."""
+        path = self._file(rel)
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:       # noqa: BLE001 (pyarrow raises many kinds on damaged files)
+            raise RunStoreError(f"run '{self.name}': {rel} is damaged ({type(exc).__name__}); re-run precompute") from exc
 
     def _cached(self, key: str, load):
         with self._lock:
@@ -542,15 +927,15 @@ class Run:
 
     # tables ---------------------------------------------------------------------------------------
     def pretrain_table(self) -> pd.DataFrame:
-        return self._cached("pretrain", lambda: pd.read_parquet(self._file("pretrain.parquet")))
+        return self._cached("pretrain", lambda: self._read_table("pretrain.parquet"))
 
     def test_table(self) -> pd.DataFrame:
-        return self._cached("test", lambda: pd.read_parquet(self._file("finetune_test.parquet")))
+        return self._cached("test", lambda: self._read_table("finetune_test.parquet"))
 
     def _optional_table(self, rel: str) -> pd.DataFrame | None:
         def load():
             p = self._file(rel)
-            return pd.read_parquet(p) if p.is_file() else None
+            return self._read_table(rel) if p.is_file() else None
 
         return self._cached(rel, load)
 
@@ -592,10 +977,14 @@ class Run:
             p = self._file("text/vectorizer.json")
             if not p.is_file():
                 return None
-            vocab = _load_json(p).get("vocabulary")
-            if isinstance(vocab, dict):  # {word: index}
+            try:
+                doc = _load_json(p)
+            except (OSError, ValueError) as exc:
+                raise RunStoreError(f"run '{self.name}': text/vectorizer.json is damaged ({exc}); re-run precompute") from exc
+            vocab = doc.get("vocabulary") if isinstance(doc, dict) else None
+            if isinstance(vocab, dict) and all(_is_int(i) for i in vocab.values()):  # {word: index}
                 vocab = sorted(vocab, key=vocab.get)
-            return [str(w) for w in vocab] if vocab is not None else None
+            return [str(w) for w in vocab] if isinstance(vocab, list) else None
 
         return self._cached("vocabulary", load)
 
