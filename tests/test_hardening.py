@@ -218,13 +218,13 @@ def test_an_internal_error_is_one_line_and_a_log(capsys, monkeypatch, tmp_path):
 
 def test_every_project_error_is_a_precompute_error():
     from precompute.data import DataError
-    from precompute.distributed import DistributedError, RanksFailed
+    from precompute.distributed import DistributedError
     from precompute.guards import ResourceLimitError
     from precompute.retraining import RetrainError
     from precompute.solvers import SolverError
     from precompute.task import TaskError
 
-    for cls in (DataError, DistributedError, RanksFailed, ResourceLimitError, RetrainError, RunStoreError,
+    for cls in (DataError, DistributedError, ResourceLimitError, RetrainError, RunStoreError,
                 SolverError, TaskError):
         assert issubclass(cls, PrecomputeError), cls
 
@@ -359,7 +359,7 @@ def _rank_dies_before_agreeing(rank: int, world_size: int, out: str) -> None:
 
 
 def test_a_peer_dying_while_the_run_directory_is_created_leaves_nothing(tmp_path):
-    from precompute.distributed import RanksFailed, run_on_ranks
+    from ranks import RanksFailed, run_on_ranks
 
     with pytest.raises(RanksFailed):
         run_on_ranks(_rank_dies_before_agreeing, 2, str(tmp_path / "runs" / "digits"), timeout_s=60)
