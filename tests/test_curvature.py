@@ -1,0 +1,65 @@
+"""Gauss-Newton products against a dense Jᵀ H J built from torch.func Jacobians (brute force)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian, jacrev
+
+from precompute.curvature import dense_hessian, finetune_curvature, output_hessian_sqrt, pretrain_curvature
+from precompute.fd_check import build_check_task
+
+
+def dense_ggn(outputs, loss_fn, point, x, y, denominator):
+    """(1/n) Σ_i J_iᵀ ∇²_z ℓ_i J_i from full Jacobians and per-example output Hessians."""
+    z = outputs(point, x)
+    jac = jacrev(lambda pp: outputs(pp, x))(point)                                  # [B, C, D]
+    total = torch.zeros(len(point), len(point), dtype=point.dtype)
+    for i in range(len(x)):
+        h = hessian(lambda zi: loss_fn(zi[None], y[i:i + 1])[0])(z[i].detach())
+        total += jac[i].T @ h @ jac[i]
+    return total / denominator
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = build_check_task(seed=2, n_pretrain=24, n_finetune=16, hidden=4)
+    return t
+
+
+def test_output_hessian_sqrt_of_cross_entropy():
+    z = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    sqrt = output_hessian_sqrt(lambda a, b: torch.nn.functional.cross_entropy(a, b, reduction="none"), z, y)
+    p = z.softmax(1)
+    expected = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(sqrt @ sqrt.transpose(1, 2), expected)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_pretraining_ggn_products_equal_dense_gauss_newton(task, chunk):
+    gen = torch.Generator().manual_seed(0)
+    p = task.initial_pretrain_params() + 0.3 * torch.randn(task.n_pretrain_params, generator=gen, dtype=torch.float64)
+    hvp = pretrain_curvature(task, p, "ggn", chunk_size=chunk)
+    expected = dense_ggn(task.pretrain_outputs, task.pretrain_loss, p, task.pretrain_x, task.pretrain_y, task.m)
+    expected += task.pretrain_l2 * torch.eye(len(p), dtype=p.dtype)
+    got = dense_hessian(hvp, len(p), p.dtype, p.device)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert torch.linalg.eigvalsh(got).min() >= task.pretrain_l2 * (1 - 1e-9)    # PSD + L2
+
+
+def test_finetune_ggn_adds_alpha_on_theta_and_l2_on_head(task):
+    q = torch.cat([task.initial_pretrain_params()[: task.n_theta], task.initial_u()])
+    anchor = q[: task.n_theta] + 0.1
+    got = dense_hessian(finetune_curvature(task, q, anchor, 0.7, "ggn"), len(q), q.dtype, q.device)
+    expected = dense_ggn(task.finetune_outputs, task.finetune_loss, q, task.finetune_x, task.finetune_y,
+                         len(task.finetune_x))
+    expected += torch.diag(torch.cat([torch.full((task.n_theta,), 0.7, dtype=q.dtype),
+                                      torch.full((task.u_layout.size,), task.finetune_l2, dtype=q.dtype)]))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_curvature_is_the_true_hessian(task):
+    p = task.initial_pretrain_params()
+    got = dense_hessian(pretrain_curvature(task, p, "hessian"), len(p), p.dtype, p.device)
+    torch.testing.assert_close(got, hessian(task.pretrain_objective)(p), rtol=1e-9, atol=1e-12)
