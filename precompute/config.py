@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
+SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg")
+CURVATURES = ("hessian", "ggn")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
@@ -22,7 +23,9 @@ class SolverConfig:
               "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
-              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side).
+              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side),
+              "ekfac" (EK-FAC of the Gauss-Newton matrix per Linear/Conv2d layer; approximate, fast),
+              "pcg" (CG on ``curvature`` products preconditioned by the damped EK-FAC inverse; exact).
     damping:  λ added to the Hessian's diagonal. 0 is exact influence; raise it when the solver
               reports a non-positive eigenvalue or does not converge.
     max_iter: iteration cap for cg and lissa.
@@ -33,6 +36,15 @@ class SolverConfig:
     max_residual: a solve whose final relative residual exceeds this raises ``SolverError``
               (arnoldi is exempt: it projects onto its subspace by design; its residual is reported).
     seed:     seed of the random start vectors of power iteration, Lanczos and Arnoldi.
+    curvature: "hessian" (default: exact influence, what the finite-difference check measures) or
+              "ggn" (Gauss-Newton Jᵀ H_out J + the objective's quadratic terms: positive semi-definite,
+              so cg/pcg never meet negative curvature on a non-convex net; an approximation where
+              the loss is not at a minimum of a convex-output model). Applies to the pretraining
+              system and the updated scenario's (H_F + αD); the fixed scenario's finetune side always
+              uses the Hessian (its head is small and solved exactly).
+    factors_dir: ekfac/pcg: directory where EK-FAC factors are saved as safetensors and reloaded
+              when they were fitted at the same parameters ("" = keep them in memory only).
+    factor_chunk: examples per chunk of the two streamed EK-FAC fitting passes.
     """
 
     name: str = "auto"
@@ -43,8 +55,13 @@ class SolverConfig:
     oversample: int = 16
     max_residual: float = 1e-2
     seed: int = 0
+    curvature: str = "hessian"
+    factors_dir: str = ""
+    factor_chunk: int = 512
 
     def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
         if self.name not in SOLVERS:
             raise ValueError(f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
         if self.damping < 0:

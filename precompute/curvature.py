@@ -44,8 +44,8 @@ def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.d
 
 # ---- Gauss-Newton products ---------------------------------------------------------------------
 
-CURVATURES = ("hessian", "ggn")
-"""hessian: ∇² of the objective (exact influence; what the finite-difference check measures).
+from .config import CURVATURES  # noqa: E402
+"""CURVATURES: hessian: ∇² of the objective (exact influence; what the finite-difference check measures).
 ggn: the generalised Gauss-Newton matrix Jᵀ H_out J (+ the objective's quadratic terms), positive
 semi-definite by construction, so CG never meets negative curvature on a non-convex net."""
 

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .config import InfluenceConfig, SolverConfig
 from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
-from .curvature import batched_hvp
+from .curvature import batched_hvp, finetune_curvature, pretrain_curvature
+from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
 from .streaming import pretraining_objective
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -57,8 +58,10 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
 
     On a task whose pretraining inputs are ``LazyRows`` every Hessian-vector product is a chunked
     pass over them (``precompute.streaming``), so memory does not grow with m."""
-    return make_solver(counted(batched_hvp(pretraining_objective(task), p), on_product), task.n_pretrain_params,
-                       config, p.dtype, p.device)
+    hvp = counted(pretrain_curvature(task, p, config.curvature), on_product)
+    if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
+        return pretrain_system(task, p, config, hvp)
+    return make_solver(hvp, task.n_pretrain_params, config, p.dtype, p.device)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -87,6 +90,8 @@ def embedding_sensitivity_fixed(task: TwoStageTask, q: Tensor, test_ids: Tensor,
     full_hvp = batched_hvp(task.finetune_objective, q)            # over (θ, U), no proximal term
 
     uu_hvp = batched_hvp(lambda u: task.finetune_objective(torch.cat([theta, u])), q[nt:])
+    if config.name in KFAC_SOLVERS:                        # the head is small: solve it exactly
+        config = head_config(config, task.u_layout.size)
     solver = make_solver(uu_hvp, task.u_layout.size, config, q.dtype, q.device)
     v, diag = solver.solve(grads[nt:])                             # H_UU⁻¹ ∇_U f, [PU, T]
     cross = full_hvp(torch.cat([torch.zeros(nt, v.shape[1], dtype=v.dtype, device=v.device), v]))[:nt]
@@ -97,8 +102,11 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
                                   test_ids: Tensor, config: SolverConfig) -> EmbeddingSensitivity:
     """g_t = α [(H_F + αD)⁻¹ ∇f]_θ at (θ_ft, U*): d f / d θ* through the proximal anchor."""
     grads = gradients_at_test_points(task, q, test_ids)
-    hvp = batched_hvp(lambda qq: task.finetune_objective(qq, anchor.detach(), alpha), q)
-    solver = make_solver(hvp, task.n_finetune_params, config, q.dtype, q.device)
+    if config.name in KFAC_SOLVERS:                        # α adds to the θ-layers' EK-FAC eigenvalues
+        solver = updated_system(task, q, anchor.detach(), alpha, config)
+    else:
+        hvp = finetune_curvature(task, q, anchor.detach(), alpha, config.curvature)
+        solver = make_solver(hvp, task.n_finetune_params, config, q.dtype, q.device)
     u, diag = solver.solve(grads)
     return EmbeddingSensitivity(alpha * u[: task.n_theta], {"finetune_solve": diag.as_dict()})
 
