@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .presets import PRESET_MODELS
-from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig,
+from .config import (CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig,
                      ModelConfig, RunConfig, SolverConfig, TrainConfig, ValidationConfig)
 
 # (run name, preset, flag overrides): the noisy run (for the Data cleaning page) is quick-sized and
@@ -83,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("influence")
     g.add_argument("--solver", choices=SOLVERS, default="auto",
-                   help="inverse-Hessian solver: exact (dense), cg, lissa, arnoldi; auto = exact up to 6,000 "
-                        "parameters, else cg (default auto)")
+                   help="inverse-Hessian solver: exact (dense), cg, lissa, arnoldi, ekfac (EK-FAC per Linear/"
+                        "Conv2d layer, approximate), pcg (CG preconditioned by EK-FAC, exact); auto = exact up "
+                        "to 6,000 parameters, else cg (default auto)")
+    g.add_argument("--curvature", choices=CURVATURES, default="hessian",
+                   help="hessian: exact influence (default); ggn: Gauss-Newton Jᵀ H_out J, positive "
+                        "semi-definite, so cg/pcg never meet negative curvature on non-convex nets "
+                        "(pretraining system and the updated scenario; ekfac always models the GGN)")
     g.add_argument("--damping", type=float, default=0.0, help="λ added to every Hessian (default 0)")
     g.add_argument("--rank", type=int, default=128, help="arnoldi: eigenpairs kept (default 128)")
     g.add_argument("--max-iter", type=int, default=1000, help="cg/lissa iterations at most (default 1000)")
@@ -151,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConfig:
-    solver = SolverConfig(args.solver, damping=args.damping, rank=args.rank, max_iter=args.max_iter)
+    solver = SolverConfig(args.solver, damping=args.damping, rank=args.rank, max_iter=args.max_iter,
+                          curvature=args.curvature)
     validation = QUICK_VALIDATION if args.quick else ValidationConfig()
     validation = replace(validation, seed=args.seed, lds=args.lds,
                          **{k: v for k, v in (("n_test_points", args.val_points), ("k", args.k),

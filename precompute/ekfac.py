@@ -441,3 +441,16 @@ KFAC_SOLVERS = ("ekfac", "pcg")
 __all__ = ["EKFACFactors", "EKFACSolver", "FALLBACK_RULE", "KFAC_SOLVERS", "LayerBlock", "find_layers",
            "finetune_factors", "fit_ekfac", "head_config", "layer_signals", "pretrain_factors",
            "pretrain_system", "updated_system"]
+
+
+def with_factor_cache(influence, directory: Path | None):
+    """``InfluenceConfig`` whose ekfac/pcg solvers save their factors under ``directory`` (a run's
+    ``factors/``), unless a directory is already set; unchanged for other solvers or without one."""
+    if directory is None:
+        return influence
+    solvers = {}
+    for key in ("pretrain_solver", "finetune_solver"):
+        cfg = getattr(influence, key)
+        if cfg.name in KFAC_SOLVERS and not cfg.factors_dir:
+            solvers[key] = replace(cfg, factors_dir=str(directory))
+    return replace(influence, **solvers) if solvers else influence

@@ -33,6 +33,7 @@ from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
 from .curvature import batched_hvp, finetune_curvature, pretrain_curvature
 from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
+from .layer_scores import layer_scores, layer_slots
 from .streaming import pretraining_objective
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -252,7 +253,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     or chunk_size × T × activations (forward mode).
     precision: "full" (the task's dtype) or "bfloat16"/"float16": the per-example part runs under
     ``torch.autocast`` (float32 tasks only; see ``precision_check`` for what it costs in accuracy).
-    method: "auto" uses ``linear_layer_scores`` when every parameter belongs to an nn.Linear, else
+    method: "auto" uses ``layer_scores`` when every parameter belongs to an nn.Linear or nn.Conv2d, else
     forward mode (``directional_derivatives``) up to ``JVP_MAX_COLUMNS`` columns, else per-example
     gradients and one GEMM; "linear", "jvp" or "grad" force one (all give the same numbers).
     """
@@ -267,9 +268,9 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
         raise TaskError(f"test-side vectors have {vectors.shape[0]} rows, the pretraining model has "
                         f"{task.n_pretrain_params} parameters")
     scores = np.empty((t, m), dtype=np.float32) if out is None else out
-    slots = linear_slots(task) if method in ("auto", "linear") else None
+    slots = layer_slots(task) if method in ("auto", "linear") else None       # Linear and Conv2d
     if method == "linear" and slots is None:
-        raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear layers")
+        raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear/nn.Conv2d layers")
     bar = tqdm(total=m, desc="scoring pretraining examples", unit="ex", leave=False, disable=not progress)
     with torch.no_grad():
         for start in range(0, m, chunk_size):
@@ -291,7 +292,7 @@ def _chunk_inner_products(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, v
                           slots: list[LinearSlot] | None) -> tuple[Tensor, list[LinearSlot] | None]:
     """∇ℓ_P(z_i) · vectors for one chunk, [B, T], and the Linear slots to try on the next chunk."""
     if slots is not None:
-        chunk = linear_layer_scores(task, p, x, y, vectors, slots)
+        chunk = layer_scores(task, p, x, y, vectors, slots)
         if chunk is not None:
             return chunk, slots
     # the model does not fit the outer-product path (or it was not asked for): stop trying it
