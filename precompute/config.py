@@ -45,6 +45,9 @@ class SolverConfig:
     factors_dir: ekfac/pcg: directory where EK-FAC factors are saved as safetensors and reloaded
               when they were fitted at the same parameters ("" = keep them in memory only).
     factor_chunk: examples per chunk of the two streamed EK-FAC fitting passes.
+    deflation: pcg: Lanczos steps (single-column products) on the EK-FAC-whitened system whose
+              extreme Ritz pairs complete the preconditioner (``precompute.ekfac.DeflatedEKFAC``);
+              0 = the plain damped EK-FAC inverse.
     """
 
     name: str = "auto"
@@ -58,6 +61,7 @@ class SolverConfig:
     curvature: str = "hessian"
     factors_dir: str = ""
     factor_chunk: int = 512
+    deflation: int = 128
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
