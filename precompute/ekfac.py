@@ -93,7 +93,8 @@ def find_layers(roots: list[Root]) -> tuple[list[LayerBlock], list[tuple[str, sl
             span = slice(offset, offset + size)
             offset += size
             if module is not None and _supported(module) and kind in ("weight", "bias"):
-                entry = found.setdefault(id(module), {"name": f"{root_name}:{owner}", "module": module, "bias": None})
+                label = f"{root_name}:{owner}" if owner else root_name
+                entry = found.setdefault(id(module), {"name": label, "module": module, "bias": None})
                 entry[kind] = span
             else:
                 fallback.append((f"{root_name}:{name}", span))

@@ -307,35 +307,39 @@ def power_iteration(hvp: BatchedHVP, dim: int, steps: int, dtype, device, seed: 
 def lanczos(hvp: BatchedHVP, dim: int, steps: int, dtype, device, seed: int, return_vectors: bool = False):
     """Lanczos with full re-orthogonalisation (the symmetric case of Arnoldi).
 
-    Returns (Q [D, s], Ritz values [s]) or, with ``return_vectors``, also the tridiagonal's
-    eigenvectors [s, s] so that Q @ vecs approximates eigenvectors of H.
+    Returns (Q [D, s], Ritz values [s]) or, with ``return_vectors``, also the projected matrix's
+    eigenvectors [s, s] so that Q @ vecs approximates eigenvectors of H. The projected matrix is
+    Qᵀ H Q as recorded by the re-orthogonalisation (every coefficient, in float64), not the
+    three-term tridiagonal: once the Krylov space is exhausted (a clustered spectrum, e.g. the L2
+    floor of a rank-deficient Hessian) in float32 the new vectors are rounding noise whose products
+    have O(1) components along earlier vectors, and a tridiagonal that drops them produced spurious
+    negative Ritz values (−0.23 for a matrix with spectrum [0.01, 0.59]).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.zeros(dim, steps, dtype=dtype, device=device)
     v = torch.randn(dim, generator=gen, dtype=dtype).to(device)
     q[:, 0] = v / v.norm()
-    alphas, betas = [], []
+    t = torch.zeros(steps, steps, dtype=torch.float64)
+    eps = torch.finfo(dtype).eps
     s = steps
     for j in range(steps):
         w = hvp(q[:, j: j + 1])[:, 0]
-        alphas.append(float(q[:, j] @ w))
-        # Two passes of Gram-Schmidt keep Q orthonormal in float32.
+        scale = float(w.norm())
+        # Two passes of Gram-Schmidt keep Q orthonormal in float32; their coefficients are column j of QᵀHQ.
         for _ in range(2):
-            w = w - q[:, : j + 1] @ (q[:, : j + 1].T @ w)
+            coef = q[:, : j + 1].T @ w
+            w = w - q[:, : j + 1] @ coef
+            t[: j + 1, j] += coef.double().cpu()
         beta = float(w.norm())
         if j + 1 == steps:
             break
-        if beta < 1e-10 * max(1.0, abs(alphas[-1])):
+        if beta <= max(1e-10, 100 * eps) * max(1.0, scale):
             s = j + 1  # invariant subspace found: the Krylov space is exhausted
             break
-        betas.append(beta)
         q[:, j + 1] = w / beta
-    q = q[:, :s]
-    t = torch.diag(torch.tensor(alphas[:s], dtype=torch.float64))
-    if s > 1:
-        off = torch.tensor(betas[: s - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz, vecs = torch.linalg.eigh(t)
+    q, t = q[:, :s], t[:s, :s]
+    # t's upper triangle holds q_iᵀ H q_j (i ≤ j); H is symmetric, so reflect it
+    ritz, vecs = torch.linalg.eigh(torch.triu(t) + torch.triu(t, 1).T)
     ritz, vecs = ritz.to(dtype=dtype, device=device), vecs.to(dtype=dtype, device=device)
     return (q, ritz, vecs) if return_vectors else (q, ritz)
 

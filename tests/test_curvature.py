@@ -63,3 +63,19 @@ def test_hessian_curvature_is_the_true_hessian(task):
     p = task.initial_pretrain_params()
     got = dense_hessian(pretrain_curvature(task, p, "hessian"), len(p), p.dtype, p.device)
     torch.testing.assert_close(got, hessian(task.pretrain_objective)(p), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_arnoldi_on_a_clustered_spectrum_is_float32_safe(dtype):
+    """60 eigenvalues at the L2 floor exhaust the Krylov space early; float32 Lanczos used to
+    report a spurious negative eigenvalue there (and arnoldi refused to solve)."""
+    from precompute.config import SolverConfig
+    from precompute.solvers import make_solver
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(85, 85, generator=gen, dtype=torch.float64))
+    evals = torch.cat([torch.full((60,), 0.01, dtype=torch.float64), torch.linspace(0.02, 0.59, 25, dtype=torch.float64)])
+    h = ((q * evals) @ q.T).to(dtype)
+    solver = make_solver(lambda v: h @ v, 85, SolverConfig("arnoldi", rank=128, oversample=16), dtype, "cpu")
+    _, diag = solver.solve(torch.randn(85, 3, generator=gen, dtype=torch.float64).to(dtype))
+    assert abs(diag.eig_min - 0.01) < 1e-5 and abs(diag.eig_max - 0.59) < 1e-5
