@@ -79,3 +79,15 @@ def test_arnoldi_on_a_clustered_spectrum_is_float32_safe(dtype):
     solver = make_solver(lambda v: h @ v, 85, SolverConfig("arnoldi", rank=128, oversample=16), dtype, "cpu")
     _, diag = solver.solve(torch.randn(85, 3, generator=gen, dtype=torch.float64).to(dtype))
     assert abs(diag.eig_min - 0.01) < 1e-5 and abs(diag.eig_max - 0.59) < 1e-5
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_large_in_memory_sets_use_chunked_products(task, monkeypatch, curvature):
+    import precompute.curvature as cv
+
+    p = task.initial_pretrain_params()
+    v = torch.randn(len(p), 3, dtype=p.dtype)
+    whole = pretrain_curvature(task, p, curvature)(v)
+    monkeypatch.setattr(cv, "IN_MEMORY_GRAPH_MAX", 10)
+    monkeypatch.setattr("precompute.streaming.DEFAULT_CHUNK", 7)
+    torch.testing.assert_close(pretrain_curvature(task, p, curvature)(v), whole, rtol=1e-10, atol=1e-13)
