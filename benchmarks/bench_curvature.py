@@ -226,8 +226,30 @@ def bench_model(name: str, task, trained, args) -> dict:
         except Exception as err:    # noqa: BLE001
             single["kronfluence_ekfac"] = {"error": str(err)[:200]}
     print(name, "single stage", single, file=sys.stderr, flush=True)
+    scoring = scoring_pass(task, trained, 2 * args.tests)
+    print(name, "scoring pass", scoring, file=sys.stderr, flush=True)
     return {"n_params": p, "m": task.m, "reference": ref_cfg.name, "reference_seconds": round(ref_seconds, 2),
-            "solvers": rows, "single_stage": single}
+            "solvers": rows, "single_stage": single, "scoring_pass": scoring}
+
+
+def scoring_pass(task, trained, t: int) -> dict:
+    """Seconds of one epoch (forward + backward of the summed loss, same chunks) and of scoring every
+    pretraining example for t test-side vectors by the outer-product path (Linear/Conv2d) and by
+    per-example gradients (vmap(grad)); both give the same numbers."""
+    p = trained.p
+    vectors = torch.randn(task.n_pretrain_params, t, dtype=p.dtype, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for s in range(0, task.m, 1024):
+        leaf = p.detach().requires_grad_(True)
+        torch.autograd.grad(task.pretrain_losses(leaf, task.pretrain_x[s: s + 1024], task.pretrain_y[s: s + 1024]).sum(), leaf)
+    epoch = time.perf_counter() - start
+    out = {"epoch_s": round(epoch, 3)}
+    for method in ("linear", "grad"):
+        start = time.perf_counter()
+        score_pretraining(task, p, vectors, 1024, progress=False, method=method)
+        seconds = time.perf_counter() - start
+        out[method] = {"seconds": round(seconds, 3), "epochs": round(seconds / epoch, 1)}
+    return out
 
 
 def _pair(a, b) -> dict:
@@ -253,6 +275,13 @@ def markdown(results: dict) -> str:
             text = f"failed: {row['error'][:60]}" if "error" in row else \
                 f"{row['seconds']} | {row['pearson']} / {row['spearman']}"
             lines.append(f"| {name} ({r['n_params']:,}) | {who} | {text} |")
+    lines += ["", "| model (P) | one epoch | scoring, outer products (Linear/Conv2d) | scoring, vmap(grad) |",
+              "|---|---|---|---|"]
+    for name, r in results.items():
+        sc = r.get("scoring_pass")
+        if sc:
+            lines.append(f"| {name} ({r['n_params']:,}) | {sc['epoch_s']} s | {sc['linear']['seconds']} s "
+                         f"({sc['linear']['epochs']} epochs) | {sc['grad']['seconds']} s ({sc['grad']['epochs']} epochs) |")
     return "\n".join(lines)
 
 
