@@ -80,9 +80,11 @@ class TrainConfig:
     lbfgs_tol:  L-BFGS stops when the gradient norm falls below it.
     grad_tol:   target gradient norm; a stage has converged when ‖∇‖ ≤ grad_tol.
     history_size: L-BFGS memory.
-    newton_polish: Newton steps (dense Hessian, with a step-halving safeguard) after L-BFGS, when
-                the stage has at most ``newton_max_params`` parameters; they reach machine
-                precision in a few steps near a minimum, which the retraining check relies on.
+    newton_polish: Newton steps (with a step-halving safeguard) after L-BFGS: dense Hessian when the
+                stage has at most ``newton_max_params`` parameters, else Hessian-free Newton-CG
+                (``training.newton_cg_polish``: at most 100 Hessian-vector products per step); they
+                reach machine precision in a few steps near a minimum, which the retraining check
+                relies on.
     rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the

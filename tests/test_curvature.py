@@ -91,3 +91,14 @@ def test_large_in_memory_sets_use_chunked_products(task, monkeypatch, curvature)
     monkeypatch.setattr(cv, "IN_MEMORY_GRAPH_MAX", 10)
     monkeypatch.setattr("precompute.streaming.DEFAULT_CHUNK", 7)
     torch.testing.assert_close(pretrain_curvature(task, p, curvature)(v), whole, rtol=1e-10, atol=1e-13)
+
+
+def test_hessian_free_newton_polish_converges_where_lbfgs_stops_early(task):
+    """Models above newton_max_params get Newton-CG: from 40 L-BFGS iterations to ‖∇‖ ≤ 1e-10."""
+    from precompute.config import TrainConfig
+    from precompute.training import pretrain
+
+    plain = pretrain(task, TrainConfig(max_iter=40, newton_polish=0), desc=None)
+    polished = pretrain(task, TrainConfig(max_iter=40, newton_max_params=0, grad_tol=1e-10), desc=None)
+    assert not plain.converged and plain.grad_norm > 1e-6
+    assert polished.converged and polished.grad_norm <= 1e-10
