@@ -102,3 +102,17 @@ def test_hessian_free_newton_polish_converges_where_lbfgs_stops_early(task):
     polished = pretrain(task, TrainConfig(max_iter=40, newton_max_params=0, grad_tol=1e-10), desc=None)
     assert not plain.converged and plain.grad_norm > 1e-6
     assert polished.converged and polished.grad_norm <= 1e-10
+
+
+def test_lissa_refuses_up_front_with_the_iterations_it_needs_and_converges_when_given_them():
+    from precompute.config import SolverConfig
+    from precompute.solvers import SolverError, make_solver
+
+    h = torch.diag(torch.logspace(-2, 0, 40, dtype=torch.float64))            # condition number 100
+    b = torch.ones(40, 2, dtype=torch.float64)
+    with pytest.raises(SolverError, match="would need about"):
+        make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=100, tol=1e-8), torch.float64, "cpu").solve(b)
+    x, diag = make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=5000, tol=1e-8), torch.float64,
+                          "cpu").solve(b)
+    torch.testing.assert_close(x, torch.linalg.solve(h, b), rtol=1e-6, atol=0)
+    assert diag.relative_residual < 1e-7
