@@ -10,8 +10,8 @@ For finetune test points t (loss f_t) and pretraining examples z (design.md §2)
 score > 0: removing z is predicted to RAISE the test loss (z helpful); score < 0: z harmful.
 The test-side matrix S = [s_1 … s_T] is [P, T]; scoring streams the pretraining set in chunks, so
 memory is O(chunk_size · P + P · T), never O(m · P). For models whose parameters all sit in
-nn.Linear layers (the presets), each chunk costs one forward and one backward plus B·T·P
-multiply-adds (``linear_layer_scores``: per-example gradients are outer products, never formed);
+nn.Linear or nn.Conv2d layers (the presets, small CNNs), each chunk costs one forward and one backward
+plus B·T·P multiply-adds (``layer_scores``: per-example gradients are outer products, never formed);
 other models use forward mode or vmapped per-example gradients. When the pretraining inputs are
 memory-mapped (``precompute.streaming.LazyRows``), the H_P products of the solve stream too.
 """

@@ -156,3 +156,18 @@ def test_ekfac_scores_rank_like_exact_and_cached_factors_reload(tiny, tmp_path):
         r = np.corrcoef(first[s].ravel(), reference[s].ravel())[0, 1]
         assert r > {"fixed": 0.8, "updated": 0.5}[s], (s, r)
         assert diag[s]["pretrain_solve"]["solver"] == "ekfac"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_factors_and_inverse_on_cuda_match_cpu():
+    torch.manual_seed(4)
+    module = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(9, 1, 6, 6, dtype=torch.float64)
+    outputs, point, y, roots = module_problem(module, x, 3)
+    cpu = fit_ekfac(outputs, cross_entropy_per_example, point, x, y, len(x), roots)
+    module.cuda()
+    outputs, point_cuda, _, roots = module_problem(module, x.cuda(), 3)
+    gpu = fit_ekfac(outputs, cross_entropy_per_example, point_cuda, x.cuda(), y.cuda(), len(x), roots)
+    v = torch.randn(cpu.dim, 2, dtype=torch.float64)
+    shift = torch.full((cpu.dim,), 0.1, dtype=torch.float64)
+    torch.testing.assert_close(gpu.inverse(v.cuda(), shift.cuda()).cpu(), cpu.inverse(v, shift), rtol=1e-8, atol=1e-10)
