@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits,wide,cnn")
     parser.add_argument("--tests", type=int, default=32)
     parser.add_argument("--damping", type=float, default=1e-3, help="the same λ for every solver")
-    parser.add_argument("--cnn-m", type=int, default=1000, help="CNN pretraining examples")
+    parser.add_argument("--cnn-m", type=int, default=1000, help="CNN pretraining examples (finetune: half)")
     parser.add_argument("--train-iters", type=int, default=3000)
     parser.add_argument("--cache", default="", help="directory to keep trained stages between runs")
     parser.add_argument("--no-kronfluence", action="store_true")
@@ -306,7 +306,7 @@ def main() -> None:
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
     builders = {"digits": lambda: digits_task(16), "wide": lambda: digits_task(128),
-                "cnn": lambda: cnn_task(args.cnn_m, 500, 200)}
+                "cnn": lambda: cnn_task(args.cnn_m, max(100, args.cnn_m // 2), 200)}
     results = {}
     for name in args.models.split(","):
         task = builders[name]()
