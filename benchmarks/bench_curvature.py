@@ -189,8 +189,9 @@ def bench_model(name: str, task, trained, args) -> dict:
     ids = list(range(args.tests))
     p = task.n_pretrain_params
     damping = args.damping
-    ref_cfg = (SolverConfig("exact", damping=damping) if p <= 6000
-               else SolverConfig("cg", damping=damping, tol=1e-10, max_iter=5000))
+    c = args.curvature
+    ref_cfg = (SolverConfig("exact", damping=damping, curvature=c) if p <= 6000
+               else SolverConfig("cg", damping=damping, tol=1e-10, max_iter=5000, curvature=c))
     reference, ref_diag, ref_seconds = influence_step(task, trained, ids, ref_cfg)
     rows = {}
     if ref_cfg.name == "cg":      # the reference is plain CG: report it as the cg row (tol 1e-10)
@@ -198,11 +199,11 @@ def bench_model(name: str, task, trained, args) -> dict:
                                   "pretrain_iterations": ref_diag["fixed"]["pretrain_solve"]["iterations"],
                                   "updated_finetune_iterations": ref_diag["updated"]["finetune_solve"]["iterations"],
                                   "pretrain_residual": float(f'{ref_diag["fixed"]["pretrain_solve"]["relative_residual"]:.2e}')}
-    solvers = {"exact": SolverConfig("exact", damping=damping),
-               "cg": SolverConfig("cg", damping=damping, tol=1e-8, max_iter=5000),
-               "arnoldi": SolverConfig("arnoldi", damping=damping, rank=256, oversample=32),
+    solvers = {"exact": SolverConfig("exact", damping=damping, curvature=c),
+               "cg": SolverConfig("cg", damping=damping, tol=1e-8, max_iter=5000, curvature=c),
+               "arnoldi": SolverConfig("arnoldi", damping=damping, rank=256, oversample=32, curvature=c),
                "ekfac": SolverConfig("ekfac", damping=damping),
-               "pcg": SolverConfig("pcg", damping=damping, tol=1e-8, max_iter=5000)}
+               "pcg": SolverConfig("pcg", damping=damping, tol=1e-8, max_iter=5000, curvature=c)}
     for solver, cfg in solvers.items():
         if (solver == "exact" and p > 6000) or (solver in args.skip.split(",")):
             continue
@@ -221,7 +222,7 @@ def bench_model(name: str, task, trained, args) -> dict:
     ref_single, _ = single_stage_ours(task, trained, t, ref_cfg)
     single = {}
     for who, cfg in (("ekfac", SolverConfig("ekfac", damping=damping)),
-                     ("pcg", SolverConfig("pcg", damping=damping, tol=1e-8, max_iter=5000))):
+                     ("pcg", SolverConfig("pcg", damping=damping, tol=1e-8, max_iter=5000, curvature=c))):
         ours, seconds = single_stage_ours(task, trained, t, cfg)
         single[who] = {"seconds": round(seconds, 2), **_pair(ours, ref_single)}
     if not args.no_kronfluence:
@@ -299,6 +300,8 @@ def main() -> None:
     parser.add_argument("--train-iters", type=int, default=3000)
     parser.add_argument("--cache", default="", help="directory to keep trained stages between runs")
     parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
+                        help="curvature of every solver and the reference (ggn where a model is not at a minimum)")
     parser.add_argument("--skip", default="", help="solvers to leave out, e.g. cg (a CG reference is reported anyway)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -312,7 +315,8 @@ def main() -> None:
         task = builders[name]()
         trained = trained_stages(task, name, cache, args.train_iters)
         results[name] = bench_model(name, task, trained, args)
-    print(json.dumps({"tests": args.tests, "damping": args.damping, "alpha": ALPHA, "results": results}, indent=1))
+    print(json.dumps({"tests": args.tests, "damping": args.damping, "alpha": ALPHA, "curvature": args.curvature,
+                      "results": results}, indent=1))
     print(markdown(results))
 
 

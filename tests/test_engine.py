@@ -256,8 +256,8 @@ def test_unknown_solver_name():
         SolverConfig("newton")
 
 
-@pytest.mark.parametrize("method,columns,path", [("auto", 3, "linear_layer_scores"), ("jvp", 3, "directional_derivatives"),
-                                                  ("auto", 60, "linear_layer_scores"), ("grad", 60, "per_example_gradients")])
+@pytest.mark.parametrize("method,columns,path", [("auto", 3, "layer_scores"), ("jvp", 3, "directional_derivatives"),
+                                                  ("auto", 60, "layer_scores"), ("grad", 60, "per_example_gradients")])
 def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, method, columns, path):
     """The streamed pass never touches more than chunk_size examples at once, on every path, and
     every path gives the brute-force inner products with per-example gradients."""
