@@ -47,7 +47,7 @@ class SolverConfig:
     factor_chunk: examples per chunk of the two streamed EK-FAC fitting passes.
     deflation: pcg: Lanczos steps (single-column products) on the EK-FAC-whitened system whose
               extreme Ritz pairs complete the preconditioner (``precompute.ekfac.DeflatedEKFAC``);
-              0 = the plain damped EK-FAC inverse.
+              0 = the plain damped EK-FAC inverse. Memory: deflation × P numbers (Lanczos basis).
     """
 
     name: str = "auto"

@@ -258,7 +258,12 @@ class EKFACFactors:
             meta = f.metadata()
             t = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
         dim = sum(layout.size for _, _, layout in roots)
-        if json.loads(meta["layers"]) != [b.name for b in blocks] or int(meta["dim"]) != dim:
+        saved = json.loads(meta["layers"])
+        # layers that ran twice per forward were moved to the fallback when fitting
+        fallback += [(f"{b.name}.{kind}", getattr(b, kind)) for b in blocks if b.name not in saved
+                     for kind in ("weight", "bias") if getattr(b, kind) is not None]
+        blocks = [b for b in blocks if b.name in saved]
+        if saved != [b.name for b in blocks] or int(meta["dim"]) != dim:
             raise SolverError(f"{path}: EK-FAC factors were fitted for another model")
         n = len(blocks)
         return cls(blocks, fallback, dim, [t[f"{i}.qa"] for i in range(n)], [t[f"{i}.qs"] for i in range(n)],
@@ -355,9 +360,12 @@ def cached_factors(fit: Callable[[], EKFACFactors], path: Path | None, point: Te
                    roots: list[Root]) -> EKFACFactors:
     """Factors from ``path`` when they were saved for this point and data size, else ``fit()`` (and save)."""
     if path is not None and path.exists():
-        factors = EKFACFactors.load(path, roots, point.device, point.dtype)
-        if factors.fingerprint == fingerprint(point, n):
-            return factors
+        try:
+            factors = EKFACFactors.load(path, roots, point.device, point.dtype)
+            if factors.fingerprint == fingerprint(point, n):
+                return factors
+        except (SolverError, KeyError, OSError):       # another model's or a damaged file: refit
+            pass
     factors = fit()
     if path is not None:
         factors.save(path)

@@ -171,3 +171,30 @@ def test_factors_and_inverse_on_cuda_match_cpu():
     v = torch.randn(cpu.dim, 2, dtype=torch.float64)
     shift = torch.full((cpu.dim,), 0.1, dtype=torch.float64)
     torch.testing.assert_close(gpu.inverse(v.cuda(), shift.cuda()).cpu(), cpu.inverse(v, shift), rtol=1e-8, atol=1e-10)
+
+
+def test_a_layer_used_twice_falls_back_and_its_factors_reload(tmp_path):
+    """A Linear applied twice per forward has a gradient summed over two calls: not a Kronecker
+    product of one input and one output gradient, so it takes the diagonal fallback."""
+    from precompute.ekfac import EKFACFactors
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+    torch.manual_seed(5)
+    module = Twice().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    outputs, point, y, roots = module_problem(module, x, 2)
+    factors = fit_ekfac(outputs, cross_entropy_per_example, point, x, y, len(x), roots)
+    assert factors.report()["fallback"] == ["net:inner.weight", "net:inner.bias"]
+    torch.testing.assert_close(factors.diag, torch.diagonal(dense_ggn(outputs, point, x, y))[factors.fallback_index])
+    factors.save(tmp_path / "f.safetensors")
+    again = EKFACFactors.load(tmp_path / "f.safetensors", roots, "cpu", torch.float64)
+    v = torch.randn(factors.dim, 2, dtype=torch.float64)
+    shift = torch.full((factors.dim,), 0.1, dtype=torch.float64)
+    torch.testing.assert_close(again.inverse(v, shift), factors.inverse(v, shift), rtol=0, atol=0)
