@@ -34,7 +34,6 @@ from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
 from .curvature import batched_hvp, finetune_curvature, pretrain_curvature
 from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
 from .layer_scores import layer_scores, layer_slots
-from .streaming import pretraining_objective
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
