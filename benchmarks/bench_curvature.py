@@ -258,6 +258,38 @@ def scoring_pass(task, trained, t: int) -> dict:
     return out
 
 
+def bench_model_light(name: str, task, trained, args) -> dict:
+    """For models whose Hessian products are too slow here for a CG-to-1e-10 reference of the whole
+    multi-stage step (float64 Conv2d on a shared CPU: ~10 s per 32-column product): single stage
+    only. Plain CG and pcg solve the same T query systems to ``--light-tol`` (GGN), the CG answer is
+    the reference for ekfac and kronfluence; plus the multi-stage ekfac step's seconds."""
+    t, damping = args.tests, args.damping
+    rhs = query_gradients(task, trained, t)
+    out = {"n_params": task.n_pretrain_params, "m": task.m, "tol": args.light_tol}
+    solved = {}
+    for who in ("cg", "pcg"):
+        cfg = SolverConfig(who, damping=damping, tol=args.light_tol, max_iter=5000, curvature="ggn")
+        start = time.perf_counter()
+        solver = pretrain_system(task, trained.p, cfg) if who == "pcg" else pretrain_solver(task, trained.p, cfg)
+        x, diag = solver.solve(rhs)
+        solved[who] = x
+        out[who] = {"seconds": round(time.perf_counter() - start, 1), "iterations": diag.iterations,
+                    "residual": float(f"{diag.relative_residual:.1e}")}
+        print(name, who, out[who], file=sys.stderr, flush=True)
+    reference = score_pretraining(task, trained.p, solved["cg"], 1024, progress=False)
+    out["pcg"] |= _pair(score_pretraining(task, trained.p, solved["pcg"], 1024, progress=False), reference)
+    ours, seconds = single_stage_ours(task, trained, t, SolverConfig("ekfac", damping=damping))
+    out["ekfac"] = {"seconds": round(seconds, 2), **_pair(ours, reference)}
+    if not args.no_kronfluence:
+        theirs, seconds = single_stage_kronfluence(task, trained, t, task.pretrain_l2 + damping)
+        out["kronfluence_ekfac"] = {"seconds": round(seconds, 2), **_pair(theirs, reference)}
+    print(name, "single stage", out, file=sys.stderr, flush=True)
+    _, diag, seconds = influence_step(task, trained, list(range(t)), SolverConfig("ekfac", damping=damping))
+    out["multi_stage_ekfac_seconds"] = round(seconds, 2)
+    out["curvature_model"] = diag["fixed"]["pretrain_solve"]["curvature_model"]
+    return out
+
+
 def _pair(a, b) -> dict:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return {"pearson": round(float(np.corrcoef(a, b)[0, 1]), 4), "spearman": round(float(spearmanr(a, b)[0]), 4)}
@@ -302,6 +334,8 @@ def main() -> None:
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
                         help="curvature of every solver and the reference (ggn where a model is not at a minimum)")
+    parser.add_argument("--light", default="", help="models to measure single stage only (bench_model_light)")
+    parser.add_argument("--light-tol", type=float, default=1e-6)
     parser.add_argument("--skip", default="", help="solvers to leave out, e.g. cg (a CG reference is reported anyway)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -310,13 +344,16 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     builders = {"digits": lambda: digits_task(16), "wide": lambda: digits_task(128),
                 "cnn": lambda: cnn_task(args.cnn_m, max(100, args.cnn_m // 2), 200)}
-    results = {}
+    results, light = {}, {}
     for name in args.models.split(","):
         task = builders[name]()
         trained = trained_stages(task, name, cache, args.train_iters)
+        if name in args.light.split(","):
+            light[name] = bench_model_light(name, task, trained, args)
+            continue
         results[name] = bench_model(name, task, trained, args)
     print(json.dumps({"tests": args.tests, "damping": args.damping, "alpha": ALPHA, "curvature": args.curvature,
-                      "results": results}, indent=1))
+                      "results": results, "single_stage_only": light}, indent=1))
     print(markdown(results))
 
 
