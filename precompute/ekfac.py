@@ -400,6 +400,7 @@ class EKFACSolver(InverseHVP):
                  factors: EKFACFactors, shift: Tensor):
         super().__init__(hvp, dim, config, dtype, device)
         self.factors, self.shift = factors, shift
+        self.curvature_model = factors.report()         # which layers used EK-FAC, in the diagnostics
 
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
         return self.factors.inverse(b, self.shift + self.damping), 0
@@ -407,8 +408,6 @@ class EKFACSolver(InverseHVP):
     def eigenvalue_range(self) -> tuple[float, float]:
         return self.factors.eigenvalue_range(self.shift)
 
-    def extra_diagnostics(self) -> dict:
-        return {"curvature_model": self.factors.report()}
 
 
 class DeflatedEKFAC:

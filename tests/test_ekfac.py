@@ -156,6 +156,8 @@ def test_ekfac_scores_rank_like_exact_and_cached_factors_reload(tiny, tmp_path):
         r = np.corrcoef(first[s].ravel(), reference[s].ravel())[0, 1]
         assert r > {"fixed": 0.8, "updated": 0.5}[s], (s, r)
         assert diag[s]["pretrain_solve"]["solver"] == "ekfac"
+        assert diag[s]["pretrain_solve"]["curvature_model"]["ekfac_layers"] == [
+            "theta:0 (linear, 5x17)", "pretrain_head (linear, 3x6)"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
