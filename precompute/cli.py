@@ -21,7 +21,7 @@ import traceback
 from dataclasses import Field, fields, replace
 from pathlib import Path
 
-from .config import SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
 from .presets import PRESET_MODELS, quick_config
 
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("influence")
     g.add_argument("--solver", choices=SOLVERS, **option("solver.name"))
+    g.add_argument("--curvature", choices=CURVATURES, **option("solver.curvature"))
     g.add_argument("--damping", **option("solver.damping"))
     g.add_argument("--rank", **option("solver.rank"))
     g.add_argument("--max-iter", **option("solver.max_iter"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
+SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg")
+CURVATURES = ("hessian", "ggn")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
@@ -32,7 +33,9 @@ class SolverConfig:
               "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
-              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side).
+              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side),
+              "ekfac" (EK-FAC of the Gauss-Newton matrix per Linear/Conv2d layer; approximate, fast),
+              "pcg" (CG on ``curvature`` products preconditioned by the damped EK-FAC inverse; exact).
     damping:  λ added to the Hessian's diagonal. 0 is exact influence; raise it when the solver
               reports a non-positive eigenvalue or does not converge.
     max_iter: iteration cap for cg and lissa.
@@ -43,10 +46,23 @@ class SolverConfig:
     max_residual: a solve whose final relative residual exceeds this raises ``SolverError``
               (arnoldi is exempt: it projects onto its subspace by design; its residual is reported).
     seed:     seed of the random start vectors of power iteration, Lanczos and Arnoldi.
+    curvature: "hessian" (default: exact influence, what the finite-difference check measures) or
+              "ggn" (Gauss-Newton Jᵀ H_out J + the objective's quadratic terms: positive semi-definite,
+              so cg/pcg never meet negative curvature on a non-convex net; an approximation where
+              the loss is not at a minimum of a convex-output model). Applies to the pretraining
+              system and the updated scenario's (H_F + αD); the fixed scenario's finetune side always
+              uses the Hessian (its head is small and solved exactly).
+    factors_dir: ekfac/pcg: directory where EK-FAC factors are saved as safetensors and reloaded
+              when they were fitted at the same parameters ("" = keep them in memory only).
+    factor_chunk: examples per chunk of the two streamed EK-FAC fitting passes.
+    deflation: pcg: Lanczos steps (single-column products) on the EK-FAC-whitened system whose
+              extreme Ritz pairs complete the preconditioner (``precompute.ekfac.DeflatedEKFAC``);
+              0 = the plain damped EK-FAC inverse. Memory: deflation × P numbers (Lanczos basis).
     """
 
-    name: str = knob("auto", "inverse-Hessian solver: exact (dense), cg, lissa, arnoldi; auto = exact up to "
-                             f"{AUTO_EXACT_MAX_DIM:,} parameters, else cg")
+    name: str = knob("auto", "inverse-Hessian solver: exact (dense), cg, lissa, arnoldi, ekfac (EK-FAC per "
+                             "Linear/Conv2d layer, approximate), pcg (CG preconditioned by EK-FAC, exact); "
+                             f"auto = exact up to {AUTO_EXACT_MAX_DIM:,} parameters, else cg")
     damping: float = knob(0.0, "λ added to every Hessian")
     max_iter: int = knob(1000, "cg/lissa iterations at most")
     tol: float = 1e-6
@@ -54,8 +70,16 @@ class SolverConfig:
     oversample: int = 16
     max_residual: float = 1e-2
     seed: int = 0
+    curvature: str = knob("hessian", "hessian: exact influence; ggn: Gauss-Newton Jᵀ H_out J, positive "
+                                     "semi-definite, so cg/pcg never meet negative curvature on non-convex nets "
+                                     "(ekfac always models the GGN)")
+    factors_dir: str = ""
+    factor_chunk: int = 512
+    deflation: int = 128
 
     def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
         if self.name not in SOLVERS:
             raise ValueError(f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
         if self.damping < 0:
@@ -70,9 +94,11 @@ class TrainConfig:
     lbfgs_tol:  L-BFGS stops when the gradient norm falls below it.
     grad_tol:   target gradient norm; a stage has converged when ‖∇‖ ≤ grad_tol.
     history_size: L-BFGS memory.
-    newton_polish: Newton steps (dense Hessian, with a step-halving safeguard) after L-BFGS, when
-                the stage has at most ``newton_max_params`` parameters; they reach machine
-                precision in a few steps near a minimum, which the retraining check relies on.
+    newton_polish: Newton steps (with a step-halving safeguard) after L-BFGS: dense Hessian when the
+                stage has at most ``newton_max_params`` parameters, else Hessian-free Newton-CG
+                (``training.newton_cg_polish``: at most 100 Hessian-vector products per step); they
+                reach machine precision in a few steps near a minimum, which the retraining check
+                relies on.
     rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the

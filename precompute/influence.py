@@ -15,6 +15,8 @@ S = [s_1 … s_T] [P, T] (``stacked_test_vectors``), then one streamed pass over
 O(m · P)). Under torchrun the two plug-ins are the pretraining Hessian-vector product (local on
 rank 0, or data-parallel on every rank: ``precompute.curvature.distributed_pretrain_hvp``) and the
 scoring pass (each rank its shard); with one process both are the plain single-process steps.
+For models whose parameters all sit in nn.Linear or nn.Conv2d layers, a chunk of the scoring pass
+costs one forward and one backward (``precompute.layer_scores``: per-example gradients are never formed).
 When the pretraining inputs are memory-mapped (``precompute.streaming.LazyRows``), the H_P
 products of the solve stream too.
 """
@@ -33,13 +35,13 @@ from tqdm.auto import tqdm
 
 from .config import InfluenceConfig, SolverConfig
 from .contract import SCORE_DEFINITION
-from .curvature import batched_hvp, distributed_pretrain_hvp
+from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, pretrain_curvature
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
-from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS, LinearSlot,
-                      add_precision_check, directional_derivatives, linear_layer_scores, linear_slots,
+from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS,
+                      add_precision_check, directional_derivatives,
                       per_example_gradients, precision_check, score_pretraining, sharded_score_pretraining)
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
-from .streaming import pretraining_objective
+from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -64,9 +66,16 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     On a task whose pretraining inputs are ``LazyRows`` every Hessian-vector product is a chunked
     pass over them (``precompute.streaming``), so memory does not grow with m. ``data_parallel``:
     each product sums every rank's shard part (``distributed_pretrain_hvp``; collective, so every
-    rank must ``solve`` the same right-hand side)."""
-    hvp = distributed_pretrain_hvp(task, p) if data_parallel else batched_hvp(pretraining_objective(task), p)
-    return make_solver(counted(hvp, on_product), task.n_pretrain_params, config, p.dtype, p.device)
+    rank must ``solve`` the same right-hand side). ``config.curvature`` "ggn" uses Gauss-Newton
+    products (one process, or rank 0 alone under torchrun); "ekfac" and "pcg" fit EK-FAC factors."""
+    if data_parallel and config.curvature != "hessian":
+        raise TaskError(f"--curvature {config.curvature} under torchrun needs --rank-zero-solve (the "
+                        "data-parallel products are Hessian products)")
+    hvp = distributed_pretrain_hvp(task, p) if data_parallel else pretrain_curvature(task, p, config.curvature)
+    hvp = counted(hvp, on_product)
+    if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
+        return pretrain_system(task, p, config, hvp)
+    return make_solver(hvp, task.n_pretrain_params, config, p.dtype, p.device)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -97,6 +106,8 @@ def embedding_sensitivity_fixed(task: TwoStageTask, q: Tensor, test_ids: Tensor,
     full_hvp = batched_hvp(task.finetune_objective, q)            # over (θ, U), no proximal term
 
     uu_hvp = batched_hvp(lambda u: task.finetune_objective(torch.cat([theta, u])), q[nt:])
+    if config.name in KFAC_SOLVERS:                        # the head is small: solve it exactly
+        config = head_config(config, task.u_layout.size)
     solver = make_solver(uu_hvp, task.u_layout.size, config, q.dtype, q.device)
     v, diag = solver.solve(grads[nt:])                             # H_UU⁻¹ ∇_U f, [PU, T]
     cross = full_hvp(torch.cat([torch.zeros(nt, v.shape[1], dtype=v.dtype, device=v.device), v]))[:nt]
@@ -107,8 +118,11 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
                                   test_ids: Tensor, config: SolverConfig) -> EmbeddingSensitivity:
     """g_t = α [(H_F + αD)⁻¹ ∇f]_θ at (θ_ft, U*): d f / d θ* through the proximal anchor."""
     grads = gradients_at_test_points(task, q, test_ids)
-    hvp = batched_hvp(lambda qq: task.finetune_objective(qq, anchor.detach(), alpha), q)
-    solver = make_solver(hvp, task.n_finetune_params, config, q.dtype, q.device)
+    if config.name in KFAC_SOLVERS:                        # α adds to the θ-layers' EK-FAC eigenvalues
+        solver = updated_system(task, q, anchor.detach(), alpha, config)
+    else:
+        hvp = finetune_curvature(task, q, anchor.detach(), alpha, config.curvature)
+        solver = make_solver(hvp, task.n_finetune_params, config, q.dtype, q.device)
     u, diag = solver.solve(grads)
     return EmbeddingSensitivity(alpha * u[: task.n_theta], {"finetune_solve": diag.as_dict()})
 
@@ -223,8 +237,8 @@ sharded_multi_stage_scores = multi_stage_scores     # the name of earlier releas
 
 # The scoring pass lives in ``precompute.scoring``; its names stay importable from here.
 __all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "PRECISION_SAMPLE", "SCORING_METHODS",
-           "SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "LinearSlot", "add_precision_check", "batched_hvp",
+           "SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "add_precision_check", "batched_hvp",
            "directional_derivatives", "embedding_sensitivity_fixed", "embedding_sensitivity_updated", "finetune_side",
-           "gradients_at_test_points", "linear_layer_scores", "linear_slots", "multi_stage_scores",
+           "gradients_at_test_points", "multi_stage_scores",
            "per_example_gradients", "precision_check", "pretrain_solver", "score_pretraining", "sharded_score_pretraining",
            "stacked_test_vectors"]

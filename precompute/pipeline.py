@@ -19,6 +19,7 @@ import torch
 from .config import RunConfig
 from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
                           rank_zero_compute, rank_zero_writer)
+from .ekfac import with_factor_cache
 from .influence import multi_stage_scores
 from .data import DataError
 from .presets import TaskData, build_task, load_task_data
@@ -192,8 +193,10 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             test_ids = broadcast_object(choose_test_points(
                 data.finetune_test.labels, first == data.finetune_test.labels, config.n_test_points))
         with timer.step("influence"):
+            # ekfac/pcg: the EK-FAC factors are saved in the run (factors/*.safetensors) and reused
+            influence = with_factor_cache(config.influence, writer.path / "factors" if writer else None)
             scores, diagnostics = multi_stage_scores(
-                task, trained, test_ids, config.influence, progress=progress,
+                task, trained, test_ids, influence, progress=progress,
                 out_dir=writer.path if config.scores_to_disk and main else None,
                 distributed_solve=config.influence.distributed_solve and world > 1)
         manifest = None

@@ -3,8 +3,8 @@
 S [P, T] holds the test-side vectors (``precompute.influence``). Per chunk of pretraining examples
 the inner products come from one of three paths that give the same numbers (``score_pretraining``):
 
-    linear  every parameter in an nn.Linear: one forward and one backward, per-example gradients
-            never formed (outer products; ``linear_layer_scores``)
+    linear  every parameter in an nn.Linear or nn.Conv2d: one forward and one backward, per-example
+            gradients never formed (outer products, unfolded patches; ``precompute.layer_scores``)
     jvp     forward mode, one product per column of S (``directional_derivatives``)
     grad    vmapped per-example gradients [B, P], then one GEMM (``per_example_gradients``)
 
@@ -29,7 +29,6 @@ import copy
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from .config import InfluenceConfig
 from .distributed import (agree, broadcast_object, broadcast_vectors, gather_columns, get_rank, get_world_size,
                           shard_range, shard_task)
+from .layer_scores import LayerSlot, layer_scores, layer_slots
 from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
 from .streaming import release_pages
 from .task import TaskError, TwoStageTask
@@ -64,78 +64,6 @@ def directional_derivatives(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor,
     return vmap(lambda v: jvp(losses, (p.detach(),), (v,))[1], in_dims=1, out_dims=1)(vectors)
 
 
-@dataclass(frozen=True)
-class LinearSlot:
-    """One ``nn.Linear`` of the pretraining model and where its parameters sit in p."""
-
-    module: torch.nn.Linear
-    weight: slice               # [out · in] entries of p, row-major like ``module.weight``
-    bias: slice | None
-
-
-def linear_slots(task: TwoStageTask) -> list[LinearSlot] | None:
-    """The Linear layers holding every pretraining parameter, or None if any parameter lives
-    elsewhere (then ``score_pretraining`` uses the generic per-example paths)."""
-    slots: dict[int, dict] = {}
-    offset = 0
-    for root, layout in ((task.embedding, task.theta_layout), (task.pretrain_head, task.w_layout)):
-        modules = dict(root.named_modules())
-        for name, size in zip(layout.names, layout.sizes):
-            owner, _, kind = name.rpartition(".")
-            module = modules.get(owner)
-            if not isinstance(module, torch.nn.Linear) or kind not in ("weight", "bias"):
-                return None
-            slots.setdefault(id(module), {"module": module, "bias": None})[kind] = slice(offset, offset + size)
-            offset += size
-    return [LinearSlot(**entry) for entry in slots.values()]
-
-
-def linear_layer_scores(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, vectors: Tensor,
-                        slots: list[LinearSlot]) -> Tensor | None:
-    """∇_p ℓ_P(z_i) · vectors[:, t] for a chunk, [B, T], from one forward and one backward.
-
-    For a Linear layer with input a_i and output gradient δ_i = ∂ℓ_i/∂(output_i), the per-example
-    weight gradient is the outer product δ_i a_iᵀ, so its inner product with the matching block
-    S_t [out, in] of a test-side vector is δ_iᵀ S_t a_i, and with the bias block b_t it is δ_i · b_t.
-    One backward of Σ_i ℓ_i gives every δ_i (examples do not interact), so per-example gradients
-    are never formed: the cost is about one training step plus B·T·P multiply-adds. Returns None
-    (use the generic paths) if a layer sees inputs that are not [B, in] or runs more than once.
-    """
-    seen: dict[int, list[tuple[Tensor, Tensor]]] = {id(s.module): [] for s in slots}
-
-    def record(module, inputs, output):
-        seen[id(module)].append((inputs[0], output))
-
-    handles = [s.module.register_forward_hook(record) for s in slots]
-    try:
-        with torch.enable_grad():
-            leaf = p.detach().requires_grad_(True)
-            total = task.pretrain_losses(leaf, x, y).sum()
-            calls = [seen[id(s.module)] for s in slots]
-            if any(len(c) != 1 or c[0][0].dim() != 2 for c in calls):
-                return None
-            deltas = torch.autograd.grad(total, [c[0][1] for c in calls])
-    finally:
-        for handle in handles:
-            handle.remove()
-    b, t = len(x), vectors.shape[1]
-    out = torch.zeros(b, t, dtype=vectors.dtype, device=vectors.device)
-    for slot, call, delta in zip(slots, calls, deltas):
-        a = call[0][0].detach()
-        n_out, n_in = slot.module.weight.shape
-        block = vectors[slot.weight].reshape(n_out, n_in, t)                    # S_t stacked: [out, in, T]
-        # δᵀ S_t a as one GEMM that contracts the wider side, then a batched contraction of the other
-        if n_in >= n_out:
-            projected = (a @ block.permute(1, 0, 2).reshape(n_in, n_out * t)).view(b, n_out, t)
-            out += torch.bmm(delta[:, None, :], projected)[:, 0]
-        else:
-            projected = (delta @ block.reshape(n_out, n_in * t)).view(b, n_in, t)
-            out += torch.bmm(a[:, None, :], projected)[:, 0]
-        if slot.bias is not None:
-            out += delta @ vectors[slot.bias]
-    return out
-
-
 JVP_MAX_COLUMNS = 48   # above this many test-side vectors, per-example gradients + one GEMM are faster
 SCORING_METHODS = ("auto", "linear", "jvp", "grad")
 AUTOCAST_DTYPES = {"full": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,7 +80,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     or chunk_size × T × activations (forward mode).
     precision: "full" (the task's dtype) or "bfloat16"/"float16": the per-example part runs under
     ``torch.autocast`` (float32 tasks only; see ``precision_check`` for what it costs in accuracy).
-    method: "auto" uses ``linear_layer_scores`` when every parameter belongs to an nn.Linear, else
+    method: "auto" uses ``layer_scores`` when every parameter belongs to an nn.Linear or nn.Conv2d, else
     forward mode (``directional_derivatives``) up to ``JVP_MAX_COLUMNS`` columns, else per-example
     gradients and one GEMM; "linear", "jvp" or "grad" force one (all give the same numbers).
     """
@@ -167,9 +95,9 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
         raise TaskError(f"test-side vectors have {vectors.shape[0]} rows, the pretraining model has "
                         f"{task.n_pretrain_params} parameters")
     scores = np.empty((t, m), dtype=np.float32) if out is None else out
-    slots = linear_slots(task) if method in ("auto", "linear") else None
+    slots = layer_slots(task) if method in ("auto", "linear") else None       # Linear and Conv2d
     if method == "linear" and slots is None:
-        raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear layers")
+        raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear/nn.Conv2d layers")
     bar = tqdm(total=m, desc="scoring pretraining examples", unit="ex", leave=False, disable=not progress)
     with torch.no_grad():
         for start in range(0, m, chunk_size):
@@ -188,10 +116,10 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
 
 
 def _chunk_inner_products(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, vectors: Tensor, method: str,
-                          slots: list[LinearSlot] | None) -> tuple[Tensor, list[LinearSlot] | None]:
+                          slots: list[LayerSlot] | None) -> tuple[Tensor, list[LayerSlot] | None]:
     """∇ℓ_P(z_i) · vectors for one chunk, [B, T], and the Linear slots to try on the next chunk."""
     if slots is not None:
-        chunk = linear_layer_scores(task, p, x, y, vectors, slots)
+        chunk = layer_scores(task, p, x, y, vectors, slots)
         if chunk is not None:
             return chunk, slots
     # the model does not fit the outer-product path (or it was not asked for): stop trying it
@@ -404,7 +332,7 @@ def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Ten
     return gather_columns(local, m)
 
 
-__all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "LinearSlot", "PRECISION_SAMPLE", "SCORING_METHODS",
-           "add_precision_check", "directional_derivatives", "linear_layer_scores", "linear_slots",
+__all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "PRECISION_SAMPLE", "SCORING_METHODS",
+           "add_precision_check", "directional_derivatives",
            "per_example_gradients", "precision_check", "score_in_blocks", "score_pretraining", "self_influence",
            "sharded_score_pretraining", "write_scores_memmap"]

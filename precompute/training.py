@@ -4,7 +4,8 @@ Pretraining minimises L_P over p = [θ; W]. Finetuning has two scenarios (docs/d
     "fixed":   U* = argmin_U L_F(θ*, U), θ stays θ*.
     "updated": (θ_ft, U*) = argmin_q L_F(q) + (α/2)‖θ − θ*‖², warm-started at (θ*, U*_fixed).
 L-BFGS with a strong-Wolfe line search is deterministic for a fixed start, so re-running gives the
-same parameters; an optional dense-Newton polish reaches machine precision on small models.
+same parameters; a Newton polish (dense up to ``newton_max_params`` parameters, Hessian-free
+Newton-CG above) reaches machine precision near a minimum.
 
 An objective is a callable p -> value (differentiated by autograd over one graph), or a
 ``StreamedPretrainObjective`` (``precompute.streaming``) whose value, gradient and Hessian products
@@ -53,15 +54,15 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         raise TaskError(f"{desc or 'training'}: objective is non-finite at the start; check the inputs and loss")
     iterations, rounds = 0, 0
     bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
-    polish = config.newton_polish and x.numel() <= config.newton_max_params
+    polish = newton_polish if x.numel() <= config.newton_max_params else newton_cg_polish
     while True:
         rounds += 1
         x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc)
         iterations += used
         bar.update(used)
-        if not polish:
+        if not config.newton_polish:
             break
-        x, at_minimum = newton_polish(objective, x, config.newton_polish, config.grad_tol)
+        x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol)
         if at_minimum or iterations >= config.max_iter or rounds >= config.rounds:
             break
     bar.close()
@@ -133,6 +134,61 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         else:
             break
     return x.detach(), False
+
+
+def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
+                     cg_iters: int = 100) -> tuple[Tensor, bool]:
+    """Hessian-free Newton steps for models too large for a dense Hessian (``newton_max_params``).
+
+    Each step solves H d = ∇ by conjugate gradients on Hessian-vector products (at most ``cg_iters``,
+    to a relative residual of min(0.1, √‖∇‖): inexact Newton, superlinear near a minimum) and takes
+    the largest of 1, 1/2, 1/4, ... that lowers the objective. CG stops at the first direction of
+    non-positive curvature (Steihaug) and keeps what it has (the gradient if nothing yet), so a
+    step always goes downhill. Returns (x, ‖∇‖ ≤ grad_tol with no negative curvature met in the
+    last solve).
+    """
+    value = float(objective(x))
+    for _ in range(steps):
+        g = _gradient(objective, x)
+        gnorm = float(g.norm())
+        hvp = batched_hvp(objective, x)
+        direction, positive = _steihaug(hvp, g, cg_iters, min(0.1, gnorm ** 0.5))
+        if gnorm <= grad_tol:
+            return x.detach(), positive
+        step = 1.0
+        while step > 1e-6:
+            candidate = (x - step * direction).detach()
+            new_value = float(objective(candidate))
+            if new_value <= value:
+                x, value = candidate, new_value
+                break
+            step /= 2
+        else:
+            break
+    return x.detach(), False
+
+
+def _steihaug(hvp, g: Tensor, max_iter: int, rtol: float) -> tuple[Tensor, bool]:
+    """Approximate H⁻¹ g by CG from 0; stops at non-positive curvature. Returns (d, no negative curvature)."""
+    d = torch.zeros_like(g)
+    r = g.clone()
+    p = r.clone()
+    rs = float(r @ r)
+    target = rtol * float(g.norm())
+    for _ in range(max_iter):
+        hp = hvp(p[:, None])[:, 0]
+        curvature = float(p @ hp)
+        if curvature <= 0:
+            return (d if float(d.norm()) > 0 else g), False
+        step = rs / curvature
+        d = d + step * p
+        r = r - step * hp
+        rs_new = float(r @ r)
+        if rs_new ** 0.5 <= target:
+            break
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return d, True
 
 
 def _gradient(objective: Objective, x: Tensor) -> Tensor:

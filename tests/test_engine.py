@@ -256,8 +256,8 @@ def test_unknown_solver_name():
         SolverConfig("newton")
 
 
-@pytest.mark.parametrize("method,columns,path", [("auto", 3, "linear_layer_scores"), ("jvp", 3, "directional_derivatives"),
-                                                  ("auto", 60, "linear_layer_scores"), ("grad", 60, "per_example_gradients")])
+@pytest.mark.parametrize("method,columns,path", [("auto", 3, "layer_scores"), ("jvp", 3, "directional_derivatives"),
+                                                  ("auto", 60, "layer_scores"), ("grad", 60, "per_example_gradients")])
 def test_score_memory_is_bounded_by_the_chunk(tiny, monkeypatch, method, columns, path):
     """The streamed pass never touches more than chunk_size examples at once, on every path, and
     every path gives the brute-force inner products with per-example gradients."""
@@ -313,11 +313,11 @@ class _Tokens(nn.Module):
     (_Tokens, True),                                                                 # runtime fallback
 ])
 def test_models_outside_the_outer_product_path_fall_back_to_per_example_gradients(tiny, make, expected_slots):
-    from precompute.influence import linear_slots
+    from precompute.layer_scores import layer_slots
     base, _ = tiny
     torch.manual_seed(0)
     task = _with_layers(base, make())
-    assert (linear_slots(task) is not None) == expected_slots
+    assert (layer_slots(task) is not None) == expected_slots
     p = task.initial_pretrain_params()
     vectors = torch.randn(task.n_pretrain_params, 4, dtype=torch.float64)
     scores = score_pretraining(task, p, vectors, chunk_size=16, progress=False)

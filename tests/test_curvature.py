@@ -1,0 +1,118 @@
+"""Gauss-Newton products against a dense Jᵀ H J built from torch.func Jacobians (brute force)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian, jacrev
+
+from precompute.curvature import dense_hessian, finetune_curvature, output_hessian_sqrt, pretrain_curvature
+from precompute.fd_check import build_check_task
+
+
+def dense_ggn(outputs, loss_fn, point, x, y, denominator):
+    """(1/n) Σ_i J_iᵀ ∇²_z ℓ_i J_i from full Jacobians and per-example output Hessians."""
+    z = outputs(point, x)
+    jac = jacrev(lambda pp: outputs(pp, x))(point)                                  # [B, C, D]
+    total = torch.zeros(len(point), len(point), dtype=point.dtype)
+    for i in range(len(x)):
+        h = hessian(lambda zi: loss_fn(zi[None], y[i:i + 1])[0])(z[i].detach())
+        total += jac[i].T @ h @ jac[i]
+    return total / denominator
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = build_check_task(seed=2, n_pretrain=24, n_finetune=16, hidden=4)
+    return t
+
+
+def test_output_hessian_sqrt_of_cross_entropy():
+    z = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    sqrt = output_hessian_sqrt(lambda a, b: torch.nn.functional.cross_entropy(a, b, reduction="none"), z, y)
+    p = z.softmax(1)
+    expected = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(sqrt @ sqrt.transpose(1, 2), expected)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_pretraining_ggn_products_equal_dense_gauss_newton(task, chunk):
+    gen = torch.Generator().manual_seed(0)
+    p = task.initial_pretrain_params() + 0.3 * torch.randn(task.n_pretrain_params, generator=gen, dtype=torch.float64)
+    hvp = pretrain_curvature(task, p, "ggn", chunk_size=chunk)
+    expected = dense_ggn(task.pretrain_outputs, task.pretrain_loss, p, task.pretrain_x, task.pretrain_y, task.m)
+    expected += task.pretrain_l2 * torch.eye(len(p), dtype=p.dtype)
+    got = dense_hessian(hvp, len(p), p.dtype, p.device)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert torch.linalg.eigvalsh(got).min() >= task.pretrain_l2 * (1 - 1e-9)    # PSD + L2
+
+
+def test_finetune_ggn_adds_alpha_on_theta_and_l2_on_head(task):
+    q = torch.cat([task.initial_pretrain_params()[: task.n_theta], task.initial_u()])
+    anchor = q[: task.n_theta] + 0.1
+    got = dense_hessian(finetune_curvature(task, q, anchor, 0.7, "ggn"), len(q), q.dtype, q.device)
+    expected = dense_ggn(task.finetune_outputs, task.finetune_loss, q, task.finetune_x, task.finetune_y,
+                         len(task.finetune_x))
+    expected += torch.diag(torch.cat([torch.full((task.n_theta,), 0.7, dtype=q.dtype),
+                                      torch.full((task.u_layout.size,), task.finetune_l2, dtype=q.dtype)]))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_curvature_is_the_true_hessian(task):
+    p = task.initial_pretrain_params()
+    got = dense_hessian(pretrain_curvature(task, p, "hessian"), len(p), p.dtype, p.device)
+    torch.testing.assert_close(got, hessian(task.pretrain_objective)(p), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_arnoldi_on_a_clustered_spectrum_is_float32_safe(dtype):
+    """60 eigenvalues at the L2 floor exhaust the Krylov space early; float32 Lanczos used to
+    report a spurious negative eigenvalue there (and arnoldi refused to solve)."""
+    from precompute.config import SolverConfig
+    from precompute.solvers import make_solver
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(85, 85, generator=gen, dtype=torch.float64))
+    evals = torch.cat([torch.full((60,), 0.01, dtype=torch.float64), torch.linspace(0.02, 0.59, 25, dtype=torch.float64)])
+    h = ((q * evals) @ q.T).to(dtype)
+    solver = make_solver(lambda v: h @ v, 85, SolverConfig("arnoldi", rank=128, oversample=16), dtype, "cpu")
+    _, diag = solver.solve(torch.randn(85, 3, generator=gen, dtype=torch.float64).to(dtype))
+    assert abs(diag.eig_min - 0.01) < 1e-5 and abs(diag.eig_max - 0.59) < 1e-5
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_large_in_memory_sets_use_chunked_products(task, monkeypatch, curvature):
+    import precompute.curvature as cv
+
+    p = task.initial_pretrain_params()
+    v = torch.randn(len(p), 3, dtype=p.dtype)
+    whole = pretrain_curvature(task, p, curvature)(v)
+    monkeypatch.setattr(cv, "IN_MEMORY_GRAPH_MAX", 10)
+    monkeypatch.setattr("precompute.streaming.DEFAULT_CHUNK", 7)
+    torch.testing.assert_close(pretrain_curvature(task, p, curvature)(v), whole, rtol=1e-10, atol=1e-13)
+
+
+def test_hessian_free_newton_polish_converges_where_lbfgs_stops_early(task):
+    """Models above newton_max_params get Newton-CG: from 40 L-BFGS iterations to ‖∇‖ ≤ 1e-10."""
+    from precompute.config import TrainConfig
+    from precompute.training import pretrain
+
+    plain = pretrain(task, TrainConfig(max_iter=40, newton_polish=0), desc=None)
+    polished = pretrain(task, TrainConfig(max_iter=40, newton_max_params=0, grad_tol=1e-10), desc=None)
+    assert not plain.converged and plain.grad_norm > 1e-6
+    assert polished.converged and polished.grad_norm <= 1e-10
+
+
+def test_lissa_refuses_up_front_with_the_iterations_it_needs_and_converges_when_given_them():
+    from precompute.config import SolverConfig
+    from precompute.solvers import SolverError, make_solver
+
+    h = torch.diag(torch.logspace(-2, 0, 40, dtype=torch.float64))            # condition number 100
+    b = torch.ones(40, 2, dtype=torch.float64)
+    with pytest.raises(SolverError, match="would need about"):
+        make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=100, tol=1e-8), torch.float64, "cpu").solve(b)
+    x, diag = make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=5000, tol=1e-8), torch.float64,
+                          "cpu").solve(b)
+    torch.testing.assert_close(x, torch.linalg.solve(h, b), rtol=1e-6, atol=0)
+    assert diag.relative_residual < 1e-7
