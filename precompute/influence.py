@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vmap
-from tqdm.auto import tqdm
 
-from .config import InfluenceConfig, SolverConfig
+from . import progress as progress_report
+from .config import AUTO_EXACT_MAX_DIM, InfluenceConfig, SolverConfig
 from .runstore import SCORE_DEFINITION
 from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
 from .curvature import batched_hvp
@@ -125,17 +125,19 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
     g_all = torch.cat([sides[s].g for s in config.scenarios], dim=1)
     rhs = torch.cat([g_all, torch.zeros(task.w_layout.size, g_all.shape[1], dtype=g_all.dtype,
                                         device=g_all.device)])
-    with solve_progress(progress and solver is None) as bar:
+    name, dim = config.pretrain_solver.name, task.n_pretrain_params
+    exact = name == "exact" or (name == "auto" and dim <= AUTO_EXACT_MAX_DIM)
+    with solve_progress(progress and solver is None, task.n_pretrain_params if exact else None) as bar:
         s_all, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update)).solve(rhs)
     vectors = dict(zip(config.scenarios, torch.split(s_all, len(ids), dim=1)))
     diagnostics = {s: {**sides[s].diagnostics, "pretrain_solve": diag.as_dict()} for s in config.scenarios}
     return vectors, diagnostics
 
 
-def solve_progress(enabled: bool) -> tqdm:
-    """Progress of a pretraining solve, in Hessian columns (use as a context manager)."""
-    return tqdm(desc="pretraining solve (Hessian columns)", unit="col", leave=False, disable=not enabled,
-                mininterval=1.0)
+def solve_progress(enabled: bool, total: int | None = None) -> progress_report.Bar:
+    """Progress of a pretraining solve, in Hessian columns (use as a context manager); ``total``:
+    the columns an exact solve needs (P), for an ETA."""
+    return progress_report.bar("pretraining solve", total=total, unit="Hessian columns", enabled=enabled)
 
 
 def per_example_gradients(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -262,7 +264,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     slots = linear_slots(task) if method in ("auto", "linear") else None
     if method == "linear" and slots is None:
         raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear layers")
-    bar = tqdm(total=m, desc="scoring pretraining examples", unit="ex", leave=False, disable=not progress)
+    bar = progress_report.bar("scoring pretraining examples", total=m, unit="examples", enabled=progress)
     with torch.no_grad():
         for start in range(0, m, chunk_size):
             sl = slice(start, min(start + chunk_size, m))
