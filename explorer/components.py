@@ -35,9 +35,10 @@ def score_legend() -> None:
 
 
 def flag_text(row) -> str | None:
+    """'flipped (true 3)' for an example whose label the run's label noise changed, else None."""
     if bool(row.get("flipped", False)):
         orig = row.get("original_label_name")
-        return f"noisy (true {orig})" if orig is not None else "noisy label"
+        return f"flipped (true {orig})" if orig is not None else "flipped"
     return None
 
 
