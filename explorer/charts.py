@@ -116,10 +116,15 @@ def score_histogram(
             name="pretraining examples",
         )
     )
-    for cut, color, label in ((helpful_cut, HELPFUL, "shown helpful"), (harmful_cut, HARMFUL, "shown harmful")):
+    # Labels sit outside their cut: "shown harmful" left of the harmful cut (< 0), "shown helpful" right
+    # of the helpful cut (> 0), so the two never share space, however close the cuts are.
+    for cut, color, label, side in ((helpful_cut, HELPFUL, "shown helpful →", "right"),
+                                    (harmful_cut, HARMFUL, "← shown harmful", "left")):
         if cut is not None and math.isfinite(cut):
-            fig.add_vline(x=cut, line_dash="dot", line_color=color, annotation_text=label,
-                          annotation_position="top", annotation_font_color=color)
+            fig.add_vline(x=cut, line_dash="dot", line_color=color)
+            fig.add_annotation(x=cut, y=1.0, xref="x", yref="paper", text=label, showarrow=False,
+                               xanchor="left" if side == "right" else "right", yanchor="bottom",
+                               font=dict(color=color, size=13), name=f"cut-{side}", xshift=3 if side == "right" else -3)
     fig.update_xaxes(title_text="score (predicted loss change if removed)")
     fig.update_yaxes(title_text="pretraining examples" + (" (log scale)" if log_y else ""),
                      type="log" if log_y else "linear", dtick=1 if log_y else None)

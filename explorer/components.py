@@ -42,8 +42,17 @@ def flag_text(row) -> str | None:
     return None
 
 
-def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE) -> None:
-    """Images of ranked pretraining examples with rank, score, id, label and a noise flag."""
+def retrained_text(pid: int, retrained: dict[int, float] | None) -> str | None:
+    """'↻ retrained: actual +1.2e-02' when the example was actually removed and retrained."""
+    if retrained and int(pid) in retrained:
+        return f"↻ retrained: actual {render.format_score(retrained[int(pid)])}"
+    return None
+
+
+def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE,
+                 retrained: dict[int, float] | None = None) -> None:
+    """Images of ranked pretraining examples with rank, score, id, label, a flipped flag and, when it
+    was actually retrained, the actual loss change."""
     border = render.KIND_COLORS.get(kind)
     records = rows.to_dict("records")
     for start in range(0, len(records), per_row):
@@ -54,11 +63,12 @@ def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size
                 st.image(png, width="stretch")
                 md(render.caption_html(
                     [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
-                    kind=kind, flag=flag_text(r),
+                    kind=kind, flag=flag_text(r), mark=retrained_text(r["pretrain_id"], retrained),
                 ))
 
 
-def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300) -> None:
+def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300,
+               retrained: dict[int, float] | None = None) -> None:
     """Text cards of ranked pretraining examples, words shared with the test text highlighted."""
     vocab = data.vocabulary(ctx.key)
     parts = []
@@ -67,6 +77,8 @@ def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_char
         badges = [f"label {r['label_name']}"]
         if flag_text(r):
             badges.append("⚑ " + flag_text(r))
+        if retrained_text(r["pretrain_id"], retrained):
+            badges.append(retrained_text(r["pretrain_id"], retrained))
         shared = ", ".join(sorted(words)[:8])
         parts.append(render.text_card_html(
             r.get("text", ""),
@@ -77,13 +89,14 @@ def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_char
     md('<div class="mi-cards">' + "".join(parts) + "</div>")
 
 
-def examples(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str | None, per_row: int = 6) -> None:
+def examples(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str | None, per_row: int = 6,
+             retrained: dict[int, float] | None = None) -> None:
     if rows.empty:
         st.caption("No examples.")
     elif ctx.is_image:
-        example_grid(ctx, rows, kind, per_row=per_row)
+        example_grid(ctx, rows, kind, per_row=per_row, retrained=retrained)
     else:
-        text_cards(ctx, rows, kind, test_text or "")
+        text_cards(ctx, rows, kind, test_text or "", retrained=retrained)
 
 
 def big_test_example(ctx: Ctx, info: dict, size: int = BIG_SIZE) -> None:

@@ -220,11 +220,13 @@ def text_card_html(
     )
 
 
-def caption_html(lines: Iterable[str], kind: str = "neutral", flag: str | None = None) -> str:
-    """A short caption under an image: one <div> per line (the first in the kind's colour), a flag."""
+def caption_html(lines: Iterable[str], kind: str = "neutral", flag: str | None = None, mark: str | None = None) -> str:
+    """A short caption under an image: one <div> per line (the first in the kind's colour), a flag and
+    a retrained mark (plain text, escaped here)."""
     kind_cls = kind if kind in ("helpful", "harmful", "random", "neutral") else "neutral"
     lines = list(lines)
     head = f'<div class="mi-cap-head">{html.escape(lines[0])}</div>' if lines else ""
     rest = "".join(f"<div>{html.escape(x)}</div>" for x in lines[1:])
     flag_html = f'<div class="mi-flag">⚑ {html.escape(flag)}</div>' if flag else ""
-    return f'<div class="mi-cap mi-cap-{kind_cls}">{head}{rest}{flag_html}</div>'
+    mark_html = f'<div class="mi-retrained">{html.escape(mark)}</div>' if mark else ""
+    return f'<div class="mi-cap mi-cap-{kind_cls}">{head}{rest}{flag_html}{mark_html}</div>'
