@@ -112,7 +112,7 @@ def score_histogram(
         go.Bar(
             x=centers, y=counts, width=widths, marker_color=colors, marker_line_width=0,
             customdata=np.stack([edges[:-1], edges[1:]], axis=1),
-            hovertemplate="score %{customdata[0]:.3g} to %{customdata[1]:.3g}<br>%{y} examples<extra></extra>",
+            hovertemplate="score %{customdata[0]:+.2e} to %{customdata[1]:+.2e}<br>%{y} examples<extra></extra>",
             name="pretraining examples",
         )
     )
@@ -173,7 +173,7 @@ def validation_scatter(
             if len(part) else [],
             hovertemplate=(
                 "pretraining example %{customdata[0]}<br>test point %{customdata[1]}<br>"
-                "predicted %{x:.3g}<br>actual %{y:.3g}<extra>" + kind + "</extra>"
+                "predicted %{x:+.2e}<br>actual %{y:+.2e}<extra>" + kind + "</extra>"
             ),
             meta={"kind": kind},
         ))
@@ -274,7 +274,7 @@ def column_bars(test_ids: Sequence[int], scores: Sequence[float], *, highlight: 
         x=[f"#{int(t)}" for t in ids], y=s.tolist(), marker_color=colors,
         marker_line=dict(color="#000000", width=line_w),
         customdata=ids.astype(int).tolist(),
-        hovertemplate="test point %{customdata}<br>score %{y:.3g}<extra></extra>",
+        hovertemplate="test point %{customdata}<br>score %{y:+.2e}<extra></extra>",
     ))
     fig.update_xaxes(title_text="scored test points (sorted)", type="category",
                      showticklabels=len(ids) <= 40)

@@ -43,9 +43,9 @@ def flag_text(row) -> str | None:
 
 
 def retrained_text(pid: int, retrained: dict[int, float] | None) -> str | None:
-    """'↻ retrained: actual +1.2e-02' when the example was actually removed and retrained."""
+    """'↻ actual +1.20e-02' (the retrained loss change) when the example was actually removed and retrained."""
     if retrained and int(pid) in retrained:
-        return f"↻ retrained: actual {render.format_score(retrained[int(pid)])}"
+        return f"↻ actual {render.format_score(retrained[int(pid)])}"
     return None
 
 

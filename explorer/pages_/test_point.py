@@ -97,15 +97,16 @@ def _point(test_id: int, info: dict, helpful, harmful) -> None:
 def _scatter(test_id: int, evidence) -> None:
     """The test point's own predicted-vs-retrained scatter, its widget twin and the picked example."""
     ui.section_header("Checked by retraining", "neutral",
-                      "Each dot: one pretraining example actually removed, both stages retrained.")
+                      "Each dot: one example actually removed, both stages retrained; dashed line = "
+                      "perfect prediction. Blue helpful, orange harmful, grey random.")
     stats = charts.fit_stats(evidence["predicted"], evidence["actual"])
     options = list(dict.fromkeys(int(p) for p in evidence.sort_values("predicted", ascending=False)["pretrain_id"]))
     if st.session_state.get(PICK) not in options:
         st.session_state[PICK] = options[0]
     chart_key = f"tp_scatter_{scenario}_{test_id}"
-    fig = charts.validation_scatter(evidence.assign(test_id=test_id), stats=stats,
-                                    highlight=st.session_state[PICK])
-    fig.update_layout(height=400)
+    fig = charts.validation_scatter(evidence.assign(test_id=test_id), highlight=st.session_state[PICK],
+                                    title=f"Pearson {charts.fmt_stat(stats['pearson'])} · {stats['n_pairs']} removals")
+    fig.update_layout(height=360, showlegend=False, margin=dict(t=40, b=10), title_font_size=14)
     st.plotly_chart(fig, key=chart_key, on_select=functools.partial(_pick_from_chart, chart_key),
                     selection_mode="points", config={"displayModeBar": False})
     by_id = evidence.drop_duplicates("pretrain_id").set_index("pretrain_id")
@@ -154,8 +155,8 @@ def _examples(test_id: int, info: dict, ranking, helpful, harmful) -> None:
             _scatter(test_id, evidence)
     notes = []
     if marks:
-        notes.append("↻ retrained = this example was actually removed and both stages retrained; the figure is "
-                     "the actual change of the test loss.")
+        notes.append("↻ = this example was actually removed and both stages retrained; the figure is the actual "
+                     "change of the test loss (compare with its score, the predicted change).")
     if not validated:
         notes.append(f"Test point #{test_id} was not checked by retraining (this run validated "
                      f"{len(run.validation_test_points)} test points); its scores are predictions only.")
