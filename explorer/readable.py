@@ -44,14 +44,14 @@ PART_NAMES = {"finetune_solve": "Finetune-side solve", "pretrain_solve": "Pretra
 
 
 def validation_table(validation: Mapping) -> pd.DataFrame:
-    """One row per scenario, the named columns of ``VALIDATION_COLUMNS`` that the run has."""
+    """One row per quantity of ``VALIDATION_COLUMNS`` that the run has, one column per scenario."""
     rows = {}
     for scenario, v in (validation or {}).items():
         if isinstance(v, Mapping):
             rows[scenario] = {name: format_number(v[k]) for k, name in VALIDATION_COLUMNS.items() if k in v}
-    df = pd.DataFrame.from_dict(rows, orient="index")
-    df.index.name = "scenario"
-    return df
+    df = pd.DataFrame(rows)            # one row per quantity, one column per scenario
+    df.index.name = "quantity"
+    return df.fillna("")
 
 
 def group_table(group: Mapping) -> pd.DataFrame:
