@@ -50,7 +50,7 @@ def headline(manifest: Mapping, scenario: str) -> dict | None:
     r = float(v["pearson"])
     verdict = "Yes" if r >= 0.8 else "Mostly" if r >= 0.5 else "Only weakly" if r >= 0.2 else "No"
     n_val = len(manifest.get("validation_test_points") or [])
-    sentence = (f"{verdict}: over {int(v.get('n_pairs', 0)):,} pretraining examples actually removed and "
+    sentence = (f"Over {int(v.get('n_pairs', 0)):,} pretraining examples actually removed and "
                 f"retrained (for {n_val} test points), the predicted and the actual change of the test loss "
                 f"correlate at Pearson {r:.2f} (Spearman {float(v.get('spearman', math.nan)):.2f}).")
     slope = v.get("slope")

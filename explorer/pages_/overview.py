@@ -100,7 +100,7 @@ for col, r in zip(cols, top.itertuples()):
         else:
             ui.md(render.text_card_html(str(r.text), title=" · ".join(lines), kind=kind, max_chars=160,
                                         badges=[f"⚑ {flag}"] if flag else ()))
-        if st.button("Open", key=f"ov_pre_{r.pretrain_id}", help=f"Pretraining example #{r.pretrain_id}"):
+        if st.button(f"Open #{r.pretrain_id}", key=f"ov_pre_{r.pretrain_id}", help="Open on the Pretraining example page"):
             _open("pages_/pretrain_example.py", SEL_PRETRAIN, r.pretrain_id)
 if "flipped" in top and top["flipped"].any():
     st.caption(story.FLIPPED_EXPLAINED)
@@ -124,4 +124,4 @@ else:
             _open("pages_/test_point.py", SEL_TEST, mistake)
     with c_harm:
         st.markdown(f"The pretraining {what} that hurt it most (removing them would lower its loss):")
-        ui.examples(ctx, harmful, "harmful", info["text"], per_row=4)
+        ui.examples(ctx, harmful, "harmful", info["text"], per_row=6)
