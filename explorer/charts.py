@@ -116,19 +116,22 @@ def score_histogram(
             name="pretraining examples",
         )
     )
-    # Labels sit outside their cut: "shown harmful" left of the harmful cut (< 0), "shown helpful" right
-    # of the helpful cut (> 0), so the two never share space, however close the cuts are.
-    for cut, color, label, side in ((helpful_cut, HELPFUL, "shown helpful →", "right"),
-                                    (harmful_cut, HARMFUL, "← shown harmful", "left")):
+    # The two labels sit on separate rows above the plot (harmful on top), so they never collide
+    # whatever the width; each points away from the nearer edge of the axis, so none is cut off.
+    lo, hi = float(edges[0]), float(edges[-1])
+    for cut, color, text, row in ((harmful_cut, HARMFUL, "shown harmful", 1), (helpful_cut, HELPFUL, "shown helpful", 0)):
         if cut is not None and math.isfinite(cut):
             fig.add_vline(x=cut, line_dash="dot", line_color=color)
-            fig.add_annotation(x=cut, y=1.0, xref="x", yref="paper", text=label, showarrow=False,
-                               xanchor="left" if side == "right" else "right", yanchor="bottom",
-                               font=dict(color=color, size=13), name=f"cut-{side}", xshift=3 if side == "right" else -3)
+            right = (cut - lo) <= 0.5 * (hi - lo)
+            fig.add_annotation(x=cut, y=1.0, xref="x", yref="paper", yshift=2 + 18 * row, showarrow=False,
+                               text=f"{text} →" if right else f"← {text}", xanchor="left" if right else "right",
+                               yanchor="bottom", font=dict(color=color, size=13), name=f"cut-{text.split()[1]}")
     fig.update_xaxes(title_text="score (predicted loss change if removed)")
     fig.update_yaxes(title_text="pretraining examples" + (" (log scale)" if log_y else ""),
                      type="log" if log_y else "linear", dtick=1 if log_y else None)
-    return _layout(fig, height=320, showlegend=False, bargap=0)
+    fig = _layout(fig, height=330, showlegend=False, bargap=0)
+    fig.update_layout(margin=dict(t=48))
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------

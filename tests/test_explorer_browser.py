@@ -144,7 +144,7 @@ def _open(browser, url: str, height: int) -> tuple[object, list[str]]:
 
 def test_test_point_page_images_and_next(server, browser, browser_runs):
     _, name = browser_runs
-    page, errors = _open(browser, f"{server}/?run={name}&scenario=fixed", 1500)
+    page, errors = _open(browser, f"{server}/test-point?run={name}&scenario=fixed", 1500)
     page.wait_for_selector(HELPFUL_IMG, timeout=60_000)
     _settle(page)
     assert page.locator(IMG).count() >= 1 + 2 * 12

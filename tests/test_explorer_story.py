@@ -137,8 +137,10 @@ def test_histogram_labels_sit_outside_their_cuts():
     edges, counts = charts.histogram_counts(np.linspace(-1, 1, 101))
     fig = charts.score_histogram(edges, counts, helpful_cut=0.01, harmful_cut=-0.01)
     notes = {a.name: a for a in fig.layout.annotations}
-    assert notes["cut-right"].xanchor == "left" and notes["cut-right"].x == 0.01
-    assert notes["cut-left"].xanchor == "right" and notes["cut-left"].x == -0.01
+    assert notes["cut-helpful"].x == 0.01 and notes["cut-harmful"].x == -0.01
+    assert notes["cut-helpful"].yshift != notes["cut-harmful"].yshift          # separate rows
+    near_right = charts.score_histogram(edges, counts, helpful_cut=0.9, harmful_cut=-0.9).layout.annotations
+    assert {a.name: a.xanchor for a in near_right} == {"cut-helpful": "right", "cut-harmful": "left"}
 
 
 # ------------------------------------------------------------------------------------------------

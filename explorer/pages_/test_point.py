@@ -53,7 +53,7 @@ ui.score_legend()
 
 
 def _picker() -> None:
-    c_prev, c_sel, c_next, _ = st.columns([1.4, 5, 1.4, 2.2], vertical_alignment="bottom")
+    c_prev, c_sel, c_next, _ = st.columns([1.7, 5, 1.7, 1.2], vertical_alignment="bottom")
     with c_prev:
         st.button("◀ Previous", key="prev_test", on_click=_step, args=(-1,), width="stretch")
     with c_sel:
@@ -76,7 +76,7 @@ def _point(test_id: int, info: dict, helpful, harmful) -> None:
                   ("Test loss", render.format_number(info["loss"], 4)), ("Scenario", scenario),
                   ("Source", info["source"])])
         if not info["correct"]:
-            if st.button("Find mislabeled causes →", key="to_cleaning", width="stretch",
+            if st.button("Check labels →", key="to_cleaning",
                          help="Open the Data cleaning page, pretraining examples ranked by their harm to this "
                               "test point, to check whether wrong labels are behind this error"):
                 st.session_state["sel_clean_rank"] = "test"
