@@ -52,19 +52,22 @@ def retrained_text(pid: int, retrained: dict[int, float] | None) -> str | None:
 def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE,
                  retrained: dict[int, float] | None = None) -> None:
     """Images of ranked pretraining examples with rank, score, id, label, a flipped flag and, when it
-    was actually retrained, the actual loss change."""
+    was actually retrained, the actual loss change.
+
+    One HTML block (images inline as data URLs): a single element for the browser to replace when
+    the test point changes, instead of an image and a caption element per example.
+    """
     border = render.KIND_COLORS.get(kind)
-    records = rows.to_dict("records")
-    for start in range(0, len(records), per_row):
-        cols = st.columns(per_row, gap="small")
-        for col, r in zip(cols, records[start:start + per_row]):
-            with col:
-                png = data.image_png(ctx.key, "pretrain", int(r["pretrain_id"]), size, border)
-                st.image(png, width="stretch")
-                md(render.caption_html(
-                    [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
-                    kind=kind, flag=flag_text(r), mark=retrained_text(r["pretrain_id"], retrained),
-                ))
+    cells = []
+    for r in rows.to_dict("records"):
+        png = data.image_png(ctx.key, "pretrain", int(r["pretrain_id"]), size, border)
+        cap = render.caption_html(
+            [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
+            kind=kind, flag=flag_text(r), mark=retrained_text(r["pretrain_id"], retrained))
+        cells.append(f'<div class="mi-cell"><img src="{render.data_url(png)}" alt="pretraining example '
+                     f'{int(r["pretrain_id"])}">{cap}</div>')
+    md(f'<div class="mi-grid" style="grid-template-columns: repeat({int(per_row)}, minmax(0, 1fr))">'
+       + "".join(cells) + "</div>")
 
 
 def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300,

@@ -30,8 +30,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = REPO / "test-artifacts"
-IMG = "[data-testid='stImage'] img"
-HELPFUL_IMG = ".st-key-helpful_examples [data-testid='stImage'] img"
+IMG = "[data-testid='stImage'] img, .mi-grid img"
+HELPFUL_IMG = ".st-key-helpful_examples .mi-grid img"
 
 if not CHROMIUM.exists() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not found (install chromium with apt; under CI=true this test must run)",

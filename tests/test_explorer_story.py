@@ -111,9 +111,11 @@ def test_validated_point_shows_its_scatter_and_marks_retrained_examples(monkeypa
     actual = own.drop_duplicates("pretrain_id").set_index("pretrain_id")["actual"]
     retrained = [p for p in np.r_[h, x] if p in actual.index]
     assert retrained
-    body = texts(at)
+    cells = [c for c in texts(at).split('<div class="mi-cell">') if "mi-cap" in c]
     for p in retrained:
-        assert re.search(rf"id {p} · .*?↻ actual {re.escape(render.format_score(actual[p]))}", body, re.S)
+        cell = next(c for c in cells if f"id {p} ·" in c)
+        assert f"↻ actual {render.format_score(actual[p])}" in cell
+    assert sum("↻ actual" in c for c in cells) == len(retrained)
     # the widget twin of a click on a dot picks that example
     other = at.selectbox(key="w_tp_pick").options[-1]
     pid = int(re.match(r"id (\d+)", other).group(1))

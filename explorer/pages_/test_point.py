@@ -170,10 +170,7 @@ def _tables(test_id: int, ranking) -> None:
     tab_table, tab_gallery = st.tabs(["Ranking table", f"All {len(tests)} scored test points"])
     with tab_table:
         shown = ranking.drop(columns=[c for c in ("text",) if c in ranking]).copy()
-        if ctx.is_image:
-            shown.insert(0, "image", [render.data_url(data.image_png(key, "pretrain", int(i), data.THUMB))
-                                      for i in shown["pretrain_id"]])
-        elif "text" in ranking:
+        if "text" in ranking:      # (images are in the grids above; a table of images costs a click ~0.2 s)
             shown["text"] = ranking["text"].str.slice(0, 160)
         st.dataframe(
             shown, key="ranking_table", hide_index=True, width="stretch",
@@ -200,11 +197,10 @@ def _tables(test_id: int, ranking) -> None:
         st.caption("Click a row to open that test point. ✓ = the finetuned model classifies it correctly.")
         gallery = overview.copy()
         gallery["correct"] = gallery["correct"].map({True: "✓", False: "✗"})
-        gkey = f"gallery_{scenario}_{test_id}"
+        gkey = f"gallery_{scenario}"      # stable: the grid is not rebuilt when the test point changes
         st.dataframe(
             gallery, key=gkey, hide_index=True, width="stretch", height=min(38 * len(gallery) + 40, 520),
             on_select=functools.partial(_from_gallery, gkey), selection_mode="single-row",
-            selection_default={"selection": {"rows": [tests.index(test_id)]}},
             row_height=52 if ctx.is_image else None,
             column_config={
                 "image": st.column_config.ImageColumn("image", width="small"),
