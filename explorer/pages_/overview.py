@@ -29,10 +29,11 @@ def _gallery(which: str, per_class: int) -> None:
             with col:
                 st.image(data.image_png(key, src, int(r.id), 64, render.NEUTRAL), width=56)
                 ui.md(render.caption_html([str(r.label_name)]))
-    else:
-        ui.md('<div class="mi-cards">' + "".join(
-            render.text_card_html(str(r.text).split("\n")[0], title=str(r.label_name), kind="neutral", max_chars=110)
-            for r in rows.itertuples()) + "</div>")
+    else:      # one line per article: its topic and headline
+        ui.md("<ul class='mi-headlines'>" + "".join(
+            f"<li><b>{render.html.escape(str(r.label_name))}</b> · "
+            f"{render.html.escape(str(r.text).splitlines()[0][:110] if str(r.text) else '')}</li>"
+            for r in rows.itertuples()) + "</ul>")
 
 
 st.markdown(f"## What run `{run.name}` shows")
