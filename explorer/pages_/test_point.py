@@ -167,49 +167,61 @@ def _examples(test_id: int, info: dict, ranking, helpful, harmful) -> None:
 
 
 def _tables(test_id: int, ranking) -> None:
-    tab_table, tab_gallery = st.tabs(["Ranking table", f"All {len(tests)} scored test points"])
-    with tab_table:
-        shown = ranking.drop(columns=[c for c in ("text",) if c in ranking]).copy()
-        if "text" in ranking:      # (images are in the grids above; a table of images costs a click ~0.2 s)
-            shown["text"] = ranking["text"].str.slice(0, 160)
-        st.dataframe(
-            shown, key="ranking_table", hide_index=True, width="stretch",
-            column_config={
-                "image": st.column_config.ImageColumn("image", width="small"),
-                "side": st.column_config.TextColumn("side", help="helpful: score > 0; harmful: score < 0"),
-                "pretrain_id": st.column_config.NumberColumn("pretraining id", format="%d"),
-                "score": st.column_config.NumberColumn("score", format=render.SCORE_FORMAT,
-                                                       help="predicted change of the test loss if removed"),
-                "label": None,
-                "label_name": st.column_config.TextColumn("label"),
-                "pretrain_loss": st.column_config.NumberColumn("pretraining loss", format="%.3f"),
-                "flipped": st.column_config.CheckboxColumn(story.FLIPPED_WORD,
-                                                           help="label changed by the run's label noise"),
-                "original_label_name": st.column_config.TextColumn("true label (before flipping)"),
-            },
-        )
-        st.download_button(
-            "Download the full ranking (CSV)", data=lambda: data.full_ranking_csv(key, scenario, test_id),
-            file_name=f"{run.name}-{scenario}-test{test_id}-ranking.csv", mime="text/csv", on_click="ignore",
-            key="download_ranking",
-            help=f"All {run.n_pretrain:,} pretraining examples ranked by score for this test point.")
-    with tab_gallery:
-        st.caption("Click a row to open that test point. ✓ = the finetuned model classifies it correctly.")
-        gallery = overview.copy()
-        gallery["correct"] = gallery["correct"].map({True: "✓", False: "✗"})
-        gkey = f"gallery_{scenario}"      # stable: the grid is not rebuilt when the test point changes
-        st.dataframe(
-            gallery, key=gkey, hide_index=True, width="stretch", height=min(38 * len(gallery) + 40, 520),
-            on_select=functools.partial(_from_gallery, gkey), selection_mode="single-row",
-            row_height=52 if ctx.is_image else None,
-            column_config={
-                "image": st.column_config.ImageColumn("image", width="small"),
-                "test_id": st.column_config.NumberColumn("test point", format="%d"),
-                "correct": st.column_config.TextColumn("✓/✗", width="small"),
-                "loss": st.column_config.NumberColumn("test loss", format="%.4f"),
-                "validated": st.column_config.CheckboxColumn("retrained", help="checked against actual retraining"),
-            },
-        )
+    # lazy tabs: only the open tab's content runs (and is sent) on a rerun
+    tab_table, tab_gallery = st.tabs(["Ranking table", f"All {len(tests)} scored test points"], key="tp_tabs",
+                                     on_change="rerun")
+    if tab_table.open is not False:          # None where lazy tabs are not supported: draw both
+        with tab_table:
+            _ranking_table(test_id, ranking)
+    if tab_gallery.open is not False:
+        with tab_gallery:
+            _gallery()
+
+
+def _ranking_table(test_id: int, ranking) -> None:
+    shown = ranking.drop(columns=[c for c in ("text",) if c in ranking]).copy()
+    if "text" in ranking:      # (images are in the grids above; a table of images costs a click ~0.2 s)
+        shown["text"] = ranking["text"].str.slice(0, 160)
+    st.dataframe(
+        shown, key="ranking_table", hide_index=True, width="stretch",
+        column_config={
+            "image": st.column_config.ImageColumn("image", width="small"),
+            "side": st.column_config.TextColumn("side", help="helpful: score > 0; harmful: score < 0"),
+            "pretrain_id": st.column_config.NumberColumn("pretraining id", format="%d"),
+            "score": st.column_config.NumberColumn("score", format=render.SCORE_FORMAT,
+                                                   help="predicted change of the test loss if removed"),
+            "label": None,
+            "label_name": st.column_config.TextColumn("label"),
+            "pretrain_loss": st.column_config.NumberColumn("pretraining loss", format="%.3f"),
+            "flipped": st.column_config.CheckboxColumn(story.FLIPPED_WORD,
+                                                       help="label changed by the run's label noise"),
+            "original_label_name": st.column_config.TextColumn("true label (before flipping)"),
+        },
+    )
+    st.download_button(
+        "Download the full ranking (CSV)", data=lambda: data.full_ranking_csv(key, scenario, test_id),
+        file_name=f"{run.name}-{scenario}-test{test_id}-ranking.csv", mime="text/csv", on_click="ignore",
+        key="download_ranking",
+        help=f"All {run.n_pretrain:,} pretraining examples ranked by score for this test point.")
+
+
+def _gallery() -> None:
+    st.caption("Click a row to open that test point. ✓ = the finetuned model classifies it correctly.")
+    gallery = overview.copy()
+    gallery["correct"] = gallery["correct"].map({True: "✓", False: "✗"})
+    gkey = f"gallery_{scenario}"      # stable: the grid is not rebuilt when the test point changes
+    st.dataframe(
+        gallery, key=gkey, hide_index=True, width="stretch", height=min(38 * len(gallery) + 40, 520),
+        on_select=functools.partial(_from_gallery, gkey), selection_mode="single-row",
+        row_height=52 if ctx.is_image else None,
+        column_config={
+            "image": st.column_config.ImageColumn("image", width="small"),
+            "test_id": st.column_config.NumberColumn("test point", format="%d"),
+            "correct": st.column_config.TextColumn("✓/✗", width="small"),
+            "loss": st.column_config.NumberColumn("test loss", format="%.4f"),
+            "validated": st.column_config.CheckboxColumn("retrained", help="checked against actual retraining"),
+        },
+    )
 
 
 @st.fragment
