@@ -240,6 +240,18 @@ def body() -> None:
     st.divider()
     _tables(test_id, ranking)
     state.sync_query_params()
+    _prefetch(tests[(tests.index(test_id) + 1) % len(tests)], k)
+
+
+def _prefetch(test_id: int, k: int) -> None:
+    """Warm the caches for the test point "Next" opens (its ranking, histogram and example images),
+    after this one is on screen: a click on Next then skips that work."""
+    ranking = data.ranking(key, scenario, test_id, k)
+    data.score_histogram(key, scenario, test_id)
+    data.score_summary(key, scenario, test_id)
+    if ctx.is_image:
+        for pid, side in zip(ranking["pretrain_id"], ranking["side"]):
+            data.image_png(key, "pretrain", int(pid), ui.GRID_SIZE, render.KIND_COLORS.get(side))
 
 
 body()
