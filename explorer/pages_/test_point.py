@@ -244,12 +244,14 @@ def body() -> None:
 
 
 def _prefetch(test_id: int, k: int) -> None:
-    """Warm the caches for the test point "Next" opens (its ranking, histogram and example images),
+    """Warm the caches for the test point "Next" opens (ranking, histogram, evidence and images),
     after this one is on screen: a click on Next then skips that work."""
     ranking = data.ranking(key, scenario, test_id, k)
     data.score_histogram(key, scenario, test_id)
     data.score_summary(key, scenario, test_id)
+    slices.evidence(key, scenario, test_id)
     if ctx.is_image:
+        data.image_png(key, "test", test_id, ui.BIG_SIZE, render.NEUTRAL)
         for pid, side in zip(ranking["pretrain_id"], ranking["side"]):
             data.image_png(key, "pretrain", int(pid), ui.GRID_SIZE, render.KIND_COLORS.get(side))
 
