@@ -92,8 +92,11 @@ def main() -> None:
     st.logo(str(state.ASSETS / "logo-wordmark.svg"), icon_image=str(state.ASSETS / "logo.svg"), size="large")
 
     pages = [
-        st.Page(_PAGES / "test_point.py", title="Test point", icon=":material/target:", url_path="test-point",
+        st.Page(_PAGES / "overview.py", title="Overview", icon=":material/auto_stories:", url_path="home",
                 default=True),
+        # the default page is served at "/"; this hidden twin makes its own URL, /overview, work as a deep link
+        st.Page(_PAGES / "overview.py", title="Overview", url_path="overview", visibility="hidden"),
+        st.Page(_PAGES / "test_point.py", title="Test point", icon=":material/target:", url_path="test-point"),
         st.Page(_PAGES / "validation.py", title="Validation", icon=":material/scatter_plot:", url_path="validation"),
         st.Page(_PAGES / "pretrain_example.py", title="Pretraining example", icon=":material/image_search:",
                 url_path="pretraining-example"),

@@ -88,22 +88,31 @@ def score_histogram(
     centers = (edges[:-1] + edges[1:]) / 2
     widths = np.diff(edges)
     colors = [HELPFUL if c > 0 else HARMFUL for c in centers]
-    fig = go.Figure(
-        go.Bar(
-            x=centers, y=counts, width=widths, marker_color=colors, marker_line_width=0,
-            customdata=np.stack([edges[:-1], edges[1:]], axis=1),
-            hovertemplate="score %{customdata[0]:.3g} to %{customdata[1]:.3g}<br>%{y} examples<extra></extra>",
-            name="pretraining examples",
-        )
-    )
-    for cut, color, label in ((helpful_cut, HELPFUL, "shown helpful"), (harmful_cut, HARMFUL, "shown harmful")):
+    bar = dict(type="bar", x=centers.tolist(), y=counts.tolist(), width=widths.tolist(),
+               marker=dict(color=colors, line=dict(width=0)),
+               customdata=np.stack([edges[:-1], edges[1:]], axis=1).tolist(),
+               hovertemplate="score %{customdata[0]:+.2e} to %{customdata[1]:+.2e}<br>%{y} examples<extra></extra>",
+               name="pretraining examples")
+    # The two labels sit on separate rows above the plot (harmful on top), so they never collide
+    # whatever the width; each points away from the nearer edge of the axis, so none is cut off.
+    lo, hi = float(edges[0]), float(edges[-1])
+    shapes, notes = [], []
+    for cut, color, text, row in ((harmful_cut, HARMFUL, "shown harmful", 1), (helpful_cut, HELPFUL, "shown helpful", 0)):
         if cut is not None and math.isfinite(cut):
-            fig.add_vline(x=cut, line_dash="dot", line_color=color, annotation_text=label,
-                          annotation_position="top", annotation_font_color=color)
-    fig.update_xaxes(title_text="score (predicted loss change if removed)")
-    fig.update_yaxes(title_text="pretraining examples" + (" (log scale)" if log_y else ""),
-                     type="log" if log_y else "linear", dtick=1 if log_y else None)
-    return _layout(fig, height=320, showlegend=False, bargap=0)
+            shapes.append(dict(type="line", x0=cut, x1=cut, xref="x", y0=0, y1=1, yref="paper",
+                               line=dict(color=color, dash="dot")))
+            right = (cut - lo) <= 0.5 * (hi - lo)
+            notes.append(dict(x=cut, y=1.0, xref="x", yref="paper", yshift=2 + 18 * row, showarrow=False,
+                              text=text, xanchor="left" if right else "right",
+                              yanchor="bottom", font=dict(color=color, size=13), name=f"cut-{text.split()[1]}"))
+    grid = dict(showgrid=True, gridcolor="#e6e6e6", zeroline=True, zerolinecolor="#bbbbbb")
+    layout = dict(  # one dict, validated once (the figure is rebuilt on every test point switch)
+        height=330, margin=dict(l=10, r=10, t=48, b=10), font=_FONT, showlegend=False, bargap=0,
+        plot_bgcolor="white", shapes=shapes, annotations=notes,
+        xaxis=dict(title=dict(text="score (predicted loss change if removed)"), **grid),
+        yaxis=dict(title=dict(text="pretraining examples" + (" (log scale)" if log_y else "")),
+                   type="log" if log_y else "linear", dtick=1 if log_y else None, **grid))
+    return go.Figure(data=[bar], layout=layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,55 +131,50 @@ def validation_scatter(
     Every point carries customdata [pretrain_id, test_id], so a selection maps back to examples.
     ``highlight``: a pretraining id to ring (an extra trace with meta kind "selected").
     """
-    fig = go.Figure()
     df = pairs
+    traces = []
     if len(df):
         lo = float(min(df["predicted"].min(), df["actual"].min()))
         hi = float(max(df["predicted"].max(), df["actual"].max()))
         pad = 0.05 * (hi - lo if hi > lo else 1.0)
-        fig.add_trace(go.Scatter(
-            x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x (perfect prediction)",
-            line=dict(color=NEUTRAL, dash="dash", width=1), hoverinfo="skip",
-        ))
+        traces.append(dict(type="scatter", x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines",
+                           name="y = x (perfect prediction)", line=dict(color=NEUTRAL, dash="dash", width=1),
+                           hoverinfo="skip"))
     symbols = {"helpful": "circle", "harmful": "diamond", "random": "square"}
     kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
     for kind in kinds:
         part = df[df["kind"] == kind]
-        fig.add_trace(go.Scatter(
-            x=part["predicted"].astype(float).tolist(),
-            y=part["actual"].astype(float).tolist(),
-            mode="markers",
-            name=KIND_LABELS.get(kind, kind),
-            legendgroup=kind,
+        traces.append(dict(
+            type="scatter", x=part["predicted"].astype(float).tolist(), y=part["actual"].astype(float).tolist(),
+            mode="markers", name=KIND_LABELS.get(kind, kind), legendgroup=kind,
             marker=dict(color=KIND_COLORS.get(kind, RANDOM), size=9, symbol=symbols.get(kind, "circle"),
                         line=dict(width=0.5, color="white"), opacity=0.85),
             customdata=np.stack([part["pretrain_id"].astype(int), part["test_id"].astype(int)], axis=1).tolist()
             if len(part) else [],
-            hovertemplate=(
-                "pretraining example %{customdata[0]}<br>test point %{customdata[1]}<br>"
-                "predicted %{x:.3g}<br>actual %{y:.3g}<extra>" + kind + "</extra>"
-            ),
-            meta={"kind": kind},
-        ))
+            hovertemplate=("pretraining example %{customdata[0]}<br>test point %{customdata[1]}<br>"
+                           "predicted %{x:+.2e}<br>actual %{y:+.2e}<extra>" + kind + "</extra>"),
+            meta={"kind": kind}))
     if highlight is not None and len(df):
         sel = df[df["pretrain_id"] == int(highlight)]
         if len(sel):
-            fig.add_trace(go.Scatter(
-                x=sel["predicted"].astype(float).tolist(), y=sel["actual"].astype(float).tolist(),
-                mode="markers", name="picked below", hoverinfo="skip", meta={"kind": "selected"},
-                marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=2.5, color="#000000")),
-            ))
+            traces.append(dict(
+                type="scatter", x=sel["predicted"].astype(float).tolist(), y=sel["actual"].astype(float).tolist(),
+                mode="markers", name="picked", hoverinfo="skip", meta={"kind": "selected"},
+                marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=2.5, color="#000000"))))
+    notes = []
     if stats:
-        text = (f"Pearson {fmt_stat(stats.get('pearson'))} · Spearman {fmt_stat(stats.get('spearman'))}"
-                f" · slope {fmt_stat(stats.get('slope'))} · n = {stats.get('n_pairs', len(df))}")
-        fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom",
-                           showarrow=False, font=dict(size=13, color="#333"))
-    fig.update_xaxes(title_text="predicted loss change (score)")
-    fig.update_yaxes(title_text="actual loss change after retraining")
-    fig = _layout(fig, height=440, title=title)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
-                      margin=dict(t=80 if title else 40))
-    return fig
+        notes.append(dict(text=(f"Pearson {fmt_stat(stats.get('pearson'))} · Spearman {fmt_stat(stats.get('spearman'))}"
+                                f" · slope {fmt_stat(stats.get('slope'))} · n = {stats.get('n_pairs', len(df))}"),
+                          xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom", showarrow=False,
+                          font=dict(size=13, color="#333")))
+    grid = dict(showgrid=True, gridcolor="#e6e6e6", zeroline=True, zerolinecolor="#bbbbbb")
+    layout = dict(  # one dict, validated once (the Test point page rebuilds it on every switch)
+        height=440, margin=dict(l=10, r=10, t=80 if title else 40, b=10), font=_FONT, plot_bgcolor="white",
+        title=dict(text=title, x=0, xanchor="left") if title else None, annotations=notes,
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+        xaxis=dict(title=dict(text="predicted loss change (score)"), **grid),
+        yaxis=dict(title=dict(text="actual loss change after retraining"), **grid))
+    return go.Figure(data=traces, layout=layout)
 
 
 def group_curves(group: pd.DataFrame, *, title: str | None = None) -> go.Figure:
@@ -249,7 +253,7 @@ def column_bars(test_ids: Sequence[int], scores: Sequence[float], *, highlight: 
         x=[f"#{int(t)}" for t in ids], y=s.tolist(), marker_color=colors,
         marker_line=dict(color="#000000", width=line_w),
         customdata=ids.astype(int).tolist(),
-        hovertemplate="test point %{customdata}<br>score %{y:.3g}<extra></extra>",
+        hovertemplate="test point %{customdata}<br>score %{y:+.2e}<extra></extra>",
     ))
     fig.update_xaxes(title_text="scored test points (sorted)", type="category",
                      showticklabels=len(ids) <= 40)

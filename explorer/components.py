@@ -35,29 +35,43 @@ def score_legend() -> None:
 
 
 def flag_text(row) -> str | None:
+    """'flipped (true 3)' for an example whose label the run's label noise changed, else None."""
     if bool(row.get("flipped", False)):
         orig = row.get("original_label_name")
-        return f"noisy (true {orig})" if orig is not None else "noisy label"
+        return f"flipped (true {orig})" if orig is not None else "flipped"
     return None
 
 
-def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE) -> None:
-    """Images of ranked pretraining examples with rank, score, id, label and a noise flag."""
+def retrained_text(pid: int, retrained: dict[int, float] | None) -> str | None:
+    """'↻ actual +1.20e-02' (the retrained loss change) when the example was actually removed and retrained."""
+    if retrained and int(pid) in retrained:
+        return f"↻ actual {render.format_score(retrained[int(pid)])}"
+    return None
+
+
+def example_grid(ctx: Ctx, rows: pd.DataFrame, kind: str, per_row: int = 6, size: int = GRID_SIZE,
+                 retrained: dict[int, float] | None = None) -> None:
+    """Images of ranked pretraining examples with rank, score, id, label, a flipped flag and, when it
+    was actually retrained, the actual loss change.
+
+    One HTML block (images inline as data URLs): a single element for the browser to replace when
+    the test point changes, instead of an image and a caption element per example.
+    """
     border = render.KIND_COLORS.get(kind)
-    records = rows.to_dict("records")
-    for start in range(0, len(records), per_row):
-        cols = st.columns(per_row, gap="small")
-        for col, r in zip(cols, records[start:start + per_row]):
-            with col:
-                png = data.image_png(ctx.key, "pretrain", int(r["pretrain_id"]), size, border)
-                st.image(png, width="stretch")
-                md(render.caption_html(
-                    [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
-                    kind=kind, flag=flag_text(r),
-                ))
+    cells = []
+    for r in rows.to_dict("records"):
+        png = data.image_png(ctx.key, "pretrain", int(r["pretrain_id"]), size, border)
+        cap = render.caption_html(
+            [f"#{r['rank']}  {render.format_score(r['score'])}", f"id {r['pretrain_id']} · label {r['label_name']}"],
+            kind=kind, flag=flag_text(r), mark=retrained_text(r["pretrain_id"], retrained))
+        cells.append(f'<div class="mi-cell"><img src="{render.data_url(png)}" alt="pretraining example '
+                     f'{int(r["pretrain_id"])}">{cap}</div>')
+    md(f'<div class="mi-grid" style="grid-template-columns: repeat({int(per_row)}, minmax(0, 1fr))">'
+       + "".join(cells) + "</div>")
 
 
-def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300) -> None:
+def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_chars: int = 300,
+               retrained: dict[int, float] | None = None) -> None:
     """Text cards of ranked pretraining examples, words shared with the test text highlighted."""
     vocab = data.vocabulary(ctx.key)
     parts = []
@@ -66,6 +80,8 @@ def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_char
         badges = [f"label {r['label_name']}"]
         if flag_text(r):
             badges.append("⚑ " + flag_text(r))
+        if retrained_text(r["pretrain_id"], retrained):
+            badges.append(retrained_text(r["pretrain_id"], retrained))
         shared = ", ".join(sorted(words)[:8])
         parts.append(render.text_card_html(
             r.get("text", ""),
@@ -76,13 +92,14 @@ def text_cards(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str, max_char
     md('<div class="mi-cards">' + "".join(parts) + "</div>")
 
 
-def examples(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str | None, per_row: int = 6) -> None:
+def examples(ctx: Ctx, rows: pd.DataFrame, kind: str, test_text: str | None, per_row: int = 6,
+             retrained: dict[int, float] | None = None) -> None:
     if rows.empty:
         st.caption("No examples.")
     elif ctx.is_image:
-        example_grid(ctx, rows, kind, per_row=per_row)
+        example_grid(ctx, rows, kind, per_row=per_row, retrained=retrained)
     else:
-        text_cards(ctx, rows, kind, test_text or "")
+        text_cards(ctx, rows, kind, test_text or "", retrained=retrained)
 
 
 def big_test_example(ctx: Ctx, info: dict, size: int = BIG_SIZE) -> None:

@@ -111,16 +111,42 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
 
 
 
+SCORE_FORMAT = "%+.2e"
+"""The one score format of every page (tables use it as a printf format): +6.04e-04, -1.89e-03."""
+
+
 def format_score(score: float) -> str:
-    """Signed, compact: +0.00213, -1.2e-06."""
+    """Signed, three significant digits, always in the same notation: +2.13e-03, -1.20e-06."""
     s = float(score)
     if not np.isfinite(s):
         return "n/a"
-    if s == 0:
-        return "0"
-    if 1e-3 <= abs(s) < 1e4:
-        return f"{s:+.3g}"
-    return f"{s:+.2e}"
+    return SCORE_FORMAT % s
+
+
+def format_fraction(value) -> str:
+    """0.947 -> '94.7%'; n/a when missing."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.1%}" if np.isfinite(v) else "n/a"
+
+
+def format_number(value, digits: int = 3) -> str:
+    """A human-readable number: 0.961, 1.34, 4.99e-14 -> '5.0e-14', 1234567 -> '1,234,567'."""
+    if isinstance(value, bool) or value is None:
+        return "yes" if value is True else "no" if value is False else "n/a"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not np.isfinite(v):
+        return "n/a"
+    if v == int(v) and abs(v) < 1e15:
+        return f"{int(v):,}"
+    if 1e-3 <= abs(v) < 1e6:
+        return f"{v:.{digits}g}"
+    return f"{v:.1e}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,11 +216,13 @@ def text_card_html(
     )
 
 
-def caption_html(lines: Iterable[str], kind: str = "neutral", flag: str | None = None) -> str:
-    """A short caption under an image: one <div> per line (the first in the kind's colour), a flag."""
+def caption_html(lines: Iterable[str], kind: str = "neutral", flag: str | None = None, mark: str | None = None) -> str:
+    """A short caption under an image: one <div> per line (the first in the kind's colour), a flag and
+    a retrained mark (plain text, escaped here)."""
     kind_cls = kind if kind in ("helpful", "harmful", "random", "neutral") else "neutral"
     lines = list(lines)
     head = f'<div class="mi-cap-head">{html.escape(lines[0])}</div>' if lines else ""
     rest = "".join(f"<div>{html.escape(x)}</div>" for x in lines[1:])
     flag_html = f'<div class="mi-flag">⚑ {html.escape(flag)}</div>' if flag else ""
-    return f'<div class="mi-cap mi-cap-{kind_cls}">{head}{rest}{flag_html}</div>'
+    mark_html = f'<div class="mi-retrained">{html.escape(mark)}</div>' if mark else ""
+    return f'<div class="mi-cap mi-cap-{kind_cls}">{head}{rest}{flag_html}{mark_html}</div>'

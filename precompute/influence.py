@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import jacrev
-from tqdm.auto import tqdm
 
-from .config import InfluenceConfig, SolverConfig
+from . import progress as progress_report
+from .config import AUTO_EXACT_MAX_DIM, InfluenceConfig, SolverConfig
 from .contract import SCORE_DEFINITION
 from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, pretrain_curvature
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
@@ -167,7 +167,9 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
     rhs = torch.cat([g, torch.zeros(task.w_layout.size, g.shape[1], dtype=g.dtype, device=g.device)])
 
     def solve() -> tuple[Tensor, dict]:
-        with solve_progress(progress and solver is None and get_rank() == 0) as bar:
+        name, dim = config.pretrain_solver.name, task.n_pretrain_params
+        exact = name == "exact" or (name == "auto" and dim <= AUTO_EXACT_MAX_DIM)
+        with solve_progress(progress and solver is None and get_rank() == 0, dim if exact else None) as bar:
             s, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update, data_parallel)).solve(rhs)
         return s, diag.as_dict()
 
@@ -183,10 +185,10 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
     return vectors, diagnostics
 
 
-def solve_progress(enabled: bool) -> tqdm:
-    """Progress of a pretraining solve, in Hessian columns (use as a context manager)."""
-    return tqdm(desc="pretraining solve (Hessian columns)", unit="col", leave=False, disable=not enabled,
-                mininterval=1.0)
+def solve_progress(enabled: bool, total: int | None = None) -> progress_report.Bar:
+    """Progress of a pretraining solve, in Hessian columns (use as a context manager); ``total``:
+    the columns an exact solve needs (P), for an ETA."""
+    return progress_report.bar("pretraining solve", total=total, unit="Hessian columns", enabled=enabled)
 
 
 def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import progress as progress_report
 from .config import RunConfig
 from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
                           rank_zero_compute, rank_zero_writer)
@@ -31,14 +32,16 @@ from .training import TrainedStages, train_stages
 
 @dataclass
 class Timer:
-    """Wall-clock seconds per named step, in order."""
+    """Wall-clock seconds per named step, in order; ``report``: progress lines (precompute.progress)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    report: bool = False
 
     @contextmanager
     def step(self, name: str):
         start = time.perf_counter()
-        yield
+        with progress_report.step(name, enabled=self.report):
+            yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
@@ -165,10 +168,10 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
     alone validates, writes and, once every rank has reported success, commits the run. A failure
     on any rank raises on every rank and leaves no run directory.
     """
-    timer = Timer()
     rank, world = get_rank(), get_world_size()
     main = rank == 0
     progress = progress and main
+    timer = Timer(report=progress)
     device = resolve_device(config.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())     # cuda:LOCAL_RANK

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
-from tqdm.auto import tqdm
-
+from . import progress as progress_report
 from .config import ValidationConfig
 from .curvature import batched_hvp, dense_hessian
 from .errors import PrecomputeError
@@ -64,6 +63,8 @@ ROUNDING_ULPS = 100
 
 BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
+OnIteration = Callable[[int, Tensor], object]
+"""(iterations so far, ‖∇‖ of every model [B]) after each iteration: progress reporting."""
 
 
 class RetrainError(PrecomputeError, RuntimeError):
@@ -124,7 +125,8 @@ class StageFit:
 
 
 def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Preconditioner,
-                         tol: float, max_iter: int, history: int = HISTORY) -> StageFit:
+                         tol: float, max_iter: int, history: int = HISTORY,
+                         on_iter: OnIteration | None = None) -> StageFit:
     """Minimise objective(x_b, data_b) for every row b, all rows in one vmapped call per evaluation.
 
     x0 [B, D], data [B, ...]. Direction d = −H_b g from the L-BFGS two-loop recursion with the
@@ -181,6 +183,8 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
         # No decrease even with a 2⁻³⁰ step: the rounding floor is reached; stop that model.
         stalled[active[todo]] = True
         gnorm = g.norm(dim=1)
+        if on_iter is not None:
+            on_iter(iterations, gnorm)
     return StageFit(x, gnorm, gnorm <= tol, iterations)
 
 
@@ -203,7 +207,7 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
 
 
 def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: Preconditioner, tol: float,
-                max_iter: int, what: str) -> tuple[StageFit, int]:
+                max_iter: int, what: str, on_iter: OnIteration | None = None) -> tuple[StageFit, int]:
     """All rows with the shared M first; stragglers then get their own M at their current point.
 
     Up to ``SHARED_ITERS`` steps use the shared M: leave-one-out (optimum O(1/m) away) takes a
@@ -214,7 +218,7 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     at its current point every ``REFRESH_ITERS`` steps, in groups of ``REFRESH_GROUP``, until
     converged or ``max_iter`` steps in all. Returns (fit, number of per-model Hessians built).
     """
-    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, min(max_iter, SHARED_ITERS))
+    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, min(max_iter, SHARED_ITERS), on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
     while not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
@@ -222,7 +226,14 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
         per_hessian = x.shape[1] ** 2 * x.element_size()
         for group in torch.split(left, max(1, min(REFRESH_GROUP, REFRESH_BYTES // per_hessian))):
             own = Preconditioner.per_model(objective, x[group], data[group], what)
-            sub = preconditioned_lbfgs(objective, x[group], data[group], own, tol, steps)
+
+            def sub_iter(it: int, gn: Tensor, group=group, used=used) -> None:
+                merged = gnorm.clone()
+                merged[group] = gn
+                on_iter(used + it, merged)
+
+            sub = preconditioned_lbfgs(objective, x[group], data[group], own, tol, steps,
+                                       on_iter=sub_iter if on_iter is not None else None)
             x[group], gnorm[group], conv[group] = sub.params, sub.grad_norm, sub.converged
             built += len(group)
         used += steps
@@ -291,17 +302,21 @@ class Retrainer:
         self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k)
                         for k in ("pretrain", *self.scenarios)}
 
-    def run(self, weights: Tensor, tol: float, max_iter: int) -> RetrainResult:
-        """Retrains both stages for every row of weights [B, m], all rows at once."""
+    def run(self, weights: Tensor, tol: float, max_iter: int,
+            on_iter: Callable[[str, int, Tensor], object] | None = None) -> RetrainResult:
+        """Retrains both stages for every row of weights [B, m], all rows at once.
+
+        ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration (progress)."""
         nt, b = self.task.n_theta, len(weights)
         fits, built = {}, {}
+        hook = (lambda stage: None) if on_iter is None else (lambda stage: lambda it, gn: on_iter(stage, it, gn))
         fits["pretrain"], built["pretrain"] = solve_stage(
             self.objectives["pretrain"], self.start["pretrain"].expand(b, -1), weights, self.precond["pretrain"],
-            tol, max_iter, "pretraining")
+            tol, max_iter, "pretraining", hook("pretraining"))
         theta = fits["pretrain"].params[:, :nt]
         for s in self.scenarios:
             fits[s], built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
-                                            tol, max_iter, f"finetuning ({s})")
+                                            tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"))
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
@@ -327,10 +342,22 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
     start = time.perf_counter()
     retrainer = retrainer or Retrainer(task, trained, scenarios)
     parts: list[RetrainResult] = []
-    bar = tqdm(total=len(weights), desc="retraining", unit="model", leave=False, disable=not progress)
-    for i in range(0, len(weights), config.batch_size):
-        parts.append(retrainer.run(weights[i: i + config.batch_size], config.retrain_tol, config.retrain_max_iter))
-        bar.update(len(parts[-1].p))
+    stages = ["pretraining", *(f"finetuning ({s})" for s in retrainer.scenarios)]
+    n_chunks = -(-len(weights) // config.batch_size)
+    # one unit = one model through one stage; a model counts once its gradient norm is below tol
+    bar = progress_report.bar("retraining", total=len(weights) * len(stages), unit="model-stages",
+                              enabled=progress)
+    for c, i in enumerate(range(0, len(weights), config.batch_size)):
+        chunk = weights[i: i + config.batch_size]
+
+        def on_iter(stage: str, it: int, gn: Tensor, c=c, i=i, b=len(chunk)) -> None:
+            done = int((gn <= config.retrain_tol).sum())
+            bar.update(i * len(stages) + stages.index(stage) * b + done - bar.n)
+            bar.set_note(f"models {i + 1}-{i + b} of {len(weights)} (chunk {c + 1}/{n_chunks}), {stage}: "
+                         f"iteration {it}, {done}/{b} converged, largest ‖∇‖ {float(gn.max()):.1e}")
+
+        parts.append(retrainer.run(chunk, config.retrain_tol, config.retrain_max_iter, on_iter))
+        bar.update((i + len(chunk)) * len(stages) - bar.n)
     bar.close()
     keys = ["pretrain", *retrainer.scenarios]
     cat = lambda get, k: torch.cat([get(r)[k] for r in parts])

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
-from tqdm.auto import tqdm
 
+from . import progress as progress_report
 from .config import InfluenceConfig
 from .distributed import (agree, broadcast_object, broadcast_vectors, gather_columns, get_rank, get_world_size,
                           shard_range, shard_task)
@@ -98,7 +98,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     slots = layer_slots(task) if method in ("auto", "linear") else None       # Linear and Conv2d
     if method == "linear" and slots is None:
         raise TaskError("method 'linear' needs a model whose parameters all belong to nn.Linear/nn.Conv2d layers")
-    bar = tqdm(total=m, desc="scoring pretraining examples", unit="ex", leave=False, disable=not progress)
+    bar = progress_report.bar("scoring pretraining examples", total=m, unit="examples", enabled=progress)
     with torch.no_grad():
         for start in range(0, m, chunk_size):
             sl = slice(start, min(start + chunk_size, m))

@@ -15,13 +15,14 @@ pretraining set or when ``TrainConfig.stream_chunk`` is set.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from . import progress as progress_report
 from .config import TrainConfig
 from .curvature import batched_hvp, dense_hessian
 from .streaming import StreamedPretrainObjective, pretraining_objective
@@ -53,11 +54,23 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
     if not torch.isfinite(objective(x)):
         raise TaskError(f"{desc or 'training'}: objective is non-finite at the start; check the inputs and loss")
     iterations, rounds = 0, 0
-    bar = tqdm(total=config.max_iter, desc=desc, leave=False, disable=desc is None, mininterval=1.0)
+    bar = progress_report.bar(desc or "", unit="iterations", enabled=desc is not None)
+    first = [None]
+
+    def report(done: int, gnorm: float) -> None:
+        """Iterations so far and ‖∇‖; the ETA follows ‖∇‖'s way down to grad_tol on a log scale."""
+        first[0] = first[0] or gnorm
+        bar.update(done - bar.n)
+        bar.set_note(f"‖∇‖ {gnorm:.1e} (target {config.grad_tol:.0e}, at most {config.max_iter} iterations)")
+        if first[0] > config.grad_tol and gnorm < first[0]:
+            bar.set_fraction(max(bar.item.fraction or 0.0,
+                                 math.log(first[0] / gnorm) / math.log(first[0] / config.grad_tol)))
+
     polish = newton_polish if x.numel() <= config.newton_max_params else newton_cg_polish
     while True:
         rounds += 1
-        x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc)
+        x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc,
+                         lambda n, gn, done=iterations: report(done + n, gn))
         iterations += used
         bar.update(used)
         if not config.newton_polish:
@@ -71,7 +84,7 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
 
 
 def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
-           desc: str | None) -> tuple[Tensor, int]:
+           desc: str | None, report: Callable[[int, float], object] | None = None) -> tuple[Tensor, int]:
     """L-BFGS with a strong-Wolfe line search until ‖∇‖ ≤ lbfgs_tol, a stall, or ``budget`` iterations."""
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=config.history_size,
@@ -92,7 +105,9 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
         return value
 
     used = 0
-    while used < budget and _grad_norm(objective, x) > config.lbfgs_tol:
+    while used < budget and (gnorm := _grad_norm(objective, x)) > config.lbfgs_tol:
+        if report is not None:
+            report(used, gnorm)
         opt.param_groups[0]["max_iter"] = min(20, budget - used)      # never past the budget
         opt.step(closure)
         done = opt.state[opt._params[0]]["n_iter"]

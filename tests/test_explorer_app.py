@@ -27,6 +27,7 @@ from run_factory import write_synthetic_run  # noqa: E402
 
 APP = REPO / "explorer" / "app.py"
 PAGES = {
+    "overview": "pages_/overview.py",
     "test_point": "pages_/test_point.py",
     "validation": "pages_/validation.py",
     "pretrain_example": "pages_/pretrain_example.py",
@@ -34,6 +35,7 @@ PAGES = {
     "data_cleaning": "pages_/data_cleaning.py",
 }
 PAGE_MARKERS = {
+    "overview": "What run",
     "test_point": "Which pretraining examples shaped this prediction?",
     "validation": "Do the scores predict actual retraining?",
     "pretrain_example": "Pretraining example",
@@ -52,12 +54,15 @@ def explorer_runs(quick_runs) -> tuple[Path, dict[str, str]]:
 pytestmark = pytest.mark.usefixtures("clear_streamlit_caches")
 
 
-def make_app(monkeypatch, root: Path, **query) -> AppTest:
+def make_app(monkeypatch, root: Path, page: str | None = "test_point", **query) -> AppTest:
+    """The app opened with ``query`` as its URL parameters (it lands on the Overview), then switched to
+    ``page`` (None: stay on the Overview)."""
     monkeypatch.setenv(state.RUNS_ENV, str(root))
     at = AppTest.from_file(str(APP), default_timeout=60)
     for k, v in query.items():
         at.query_params[k] = str(v)
-    return at.run()
+    at.run()
+    return at.switch_page(PAGES[page]).run() if page and not at.exception else at
 
 
 def texts(at: AppTest) -> str:
@@ -113,7 +118,8 @@ def test_every_page_renders(monkeypatch, explorer_runs, modality):
     # image runs show images, text runs text cards
     at.switch_page(PAGES["test_point"]).run()
     if modality == "image":
-        assert len(at.image) >= 1 + 2 * 12
+        grid_images = sum(str(e.value).count("<img ") for e in at.markdown if "mi-grid" in str(e.value))
+        assert len(at.image) >= 1 and grid_images >= 2 * 12      # the test point; the two example grids
     else:
         assert "mi-card" in texts(at)
         assert "<mark>" in texts(at), "shared words should be highlighted"
@@ -167,7 +173,7 @@ def test_changing_the_view_updates_query_params(monkeypatch, explorer_runs):
 
 def test_bad_deep_link_falls_back_with_a_notice(monkeypatch, explorer_runs):
     root, names = explorer_runs
-    at = make_app(monkeypatch, root, run="no-such-run", test=99999)
+    at = make_app(monkeypatch, root, page=None, run="no-such-run", test=99999)
     assert not at.exception
     assert "no-such-run" in texts(at)
     assert at.selectbox(key="w_run").value in names.values()
@@ -227,7 +233,7 @@ def test_noise_flag_is_shown(monkeypatch, explorer_runs):
     else:
         pytest.skip("no flipped example among the top-k of any test point")
     at = make_app(monkeypatch, root, run=names["image"], test=t)
-    assert "⚑ noisy (true " in texts(at)
+    assert "⚑ flipped (true " in texts(at)
     assert ranking_df(at)["flipped"].any()
 
 
@@ -343,7 +349,7 @@ def test_run_without_validation_says_so(monkeypatch, tmp_path):
         at.switch_page(path).run()
         assert_clean(at)
     at.switch_page(PAGES["validation"]).run()
-    assert "no validation pairs" in texts(at)
+    assert "without validation by retraining" in texts(at)
 
 
 def test_runs_root_from_argv(tmp_path):

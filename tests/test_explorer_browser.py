@@ -30,8 +30,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = REPO / "test-artifacts"
-IMG = "[data-testid='stImage'] img"
-HELPFUL_IMG = ".st-key-helpful_examples [data-testid='stImage'] img"
+IMG = "[data-testid='stImage'] img, .mi-grid img"
+HELPFUL_IMG = ".st-key-helpful_examples .mi-grid img"
 
 if not CHROMIUM.exists() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not found (install chromium with apt; under CI=true this test must run)",
@@ -144,7 +144,7 @@ def _open(browser, url: str, height: int) -> tuple[object, list[str]]:
 
 def test_test_point_page_images_and_next(server, browser, browser_runs):
     _, name = browser_runs
-    page, errors = _open(browser, f"{server}/?run={name}&scenario=fixed", 1500)
+    page, errors = _open(browser, f"{server}/test-point?run={name}&scenario=fixed", 1500)
     page.wait_for_selector(HELPFUL_IMG, timeout=60_000)
     _settle(page)
     assert page.locator(IMG).count() >= 1 + 2 * 12

@@ -199,6 +199,7 @@ def test_one_click_from_a_misclassified_test_point(monkeypatch, runs):
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.query_params["run"] = names["image"]
     at.run()
+    at.switch_page("pages_/test_point.py").run()          # the app lands on the Overview
     at.selectbox(key="w_test").select(right[0]).run()
     assert not [b for b in at.button if b.key == "to_cleaning"], "only misclassified test points get the link"
     at.selectbox(key="w_test").select(wrong[0]).run()

@@ -12,13 +12,12 @@ import html
 import pandas as pd
 import streamlit as st
 
-from explorer import charts, components as ui, data, render, state
+from explorer import charts, components as ui, data, render, state, story
 from explorer.state import SEL_TEST
 
 SEL_RANK = "sel_clean_rank"
 FLAGS = "clean_flags"
 RANK_BY_TEST = data.RANK_BY_TEST
-CLEANING_COMMAND = "python -m precompute --preset digits --label-noise 0.1 --out runs/digits-noisy"
 PREFERRED = ("self_influence", "multi_stage_total_harm", "pretrain_loss")
 
 ctx = state.context()
@@ -67,11 +66,24 @@ st.markdown(
     "export them. Every signal is oriented so that **higher = more suspicious**; *suggested* is the label "
     "the pretraining model predicts for the example."
 )
+
+
+def _switch_run(name: str) -> None:
+    st.session_state["w_run"] = name
+    state.on_run_change()
+
+
 if not signals:
-    st.info(
-        f"Run '{run.name}' has no cleaning data (`cleaning/signals.parquet`), so only the harm to single test "
-        "points can rank examples here. Make a run with injected label noise and the cleaning step with:")
-    st.code(CLEANING_COMMAND, language="bash")
+    sibling = story.noisy_sibling(run.name, state.list_runs(ctx.root), m)
+    if sibling:
+        st.info(f"Run '{run.name}' has no cleaning data, so only the harm to single test points can rank examples "
+                f"here. Its sibling '{sibling}' was made with {story.FLIPPED_WORD} labels and the cleaning step.")
+        st.button(f"Open '{sibling}' →", key="to_noisy_sibling", on_click=_switch_run, args=(sibling,),
+                  type="primary")
+    else:
+        st.info(f"Run '{run.name}' has no cleaning data, so only the harm to single test points can rank examples "
+                "here. Make a run with 10% of its pretraining labels flipped and the cleaning step with:")
+        st.code(story.cleaning_command(m, run.name), language="bash")
 
 if st.session_state.get(SEL_RANK) not in options:
     st.session_state[SEL_RANK] = _initial_rank()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
-from explorer import charts, components as ui, render, state
+from explorer import charts, components as ui, readable, render, state
 from precompute.runstore import SCORE_DEFINITION
 
 ctx = state.context()
@@ -40,60 +39,56 @@ cols[0].metric("Preset", str(m.get("preset")))
 cols[1].metric("Pretraining examples", f"{int(m['n_pretrain']):,}")
 cols[2].metric("Finetune test points", f"{int(m['n_finetune_test']):,}", help=f"{len(run.test_points)} scored")
 pa = m.get("pretrain_accuracy")
-cols[3].metric("Pretraining accuracy", f"{pa:.1%}" if isinstance(pa, (int, float)) else "n/a")
+cols[3].metric("Pretraining accuracy", render.format_fraction(pa))
 acc = m.get("finetune_accuracy") or {}
 if acc:
     cols = st.columns(max(4, len(acc)))
     for c, (s, a) in zip(cols, acc.items()):
-        c.metric(f"Finetune accuracy ({s})", f"{a:.1%}" if isinstance(a, (int, float)) else "n/a")
+        c.metric(f"Finetune accuracy ({s})", render.format_fraction(a))
 st.markdown(
     f"**Pretraining classes:** {', '.join(map(str, m.get('pretrain_class_names', [])))}  \n"
     f"**Finetuning classes:** {', '.join(map(str, m.get('finetune_class_names', [])))}"
 )
 if m.get("label_noise"):
     ln = m["label_noise"]
-    st.warning(f"Label noise was injected into the pretraining labels: rate {ln.get('rate')}, "
-               f"{ln.get('n_flipped')} labels flipped (seed {ln.get('seed')}). Flipped examples carry a ⚑ flag.")
+    st.warning(f"{ln.get('n_flipped')} pretraining labels ({render.format_fraction(ln.get('rate'))}) were "
+               f"deliberately flipped to a wrong class (label noise, seed {ln.get('seed')}), to test the Data "
+               "cleaning page. Flipped examples carry a ⚑ flipped flag.")
 if m.get("mislabel_detection"):
-    st.markdown("**Mislabel detection** (how well each signal ranks the flipped examples first)")
-    st.dataframe(pd.DataFrame(m["mislabel_detection"]).T, width="stretch")
+    st.markdown("**Mislabel detection**: how well each signal ranks the flipped labels first")
+    st.dataframe(readable.detection_table(m["mislabel_detection"]), hide_index=True, width="stretch")
 
-st.markdown("### Validation summary")
+st.markdown("### Do the scores predict retraining?")
 if m.get("validation"):
-    st.dataframe(pd.DataFrame(m["validation"]).T, width="stretch")
+    st.markdown("Correlation between each score (the predicted loss change) and the loss change measured by "
+                "removing that pretraining example and retraining both stages; the Validation page shows the dots.")
+    st.dataframe(readable.validation_table(m["validation"]), width="stretch")
+    if m.get("group_removal"):
+        st.markdown("**Removing groups** (the top p% by score at once, then retraining), mean change of the "
+                    "test loss:")
+        st.dataframe(readable.group_table(m["group_removal"]), hide_index=True, width="stretch")
 else:
-    st.caption("No validation in this run.")
-if m.get("group_removal"):
-    with st.expander("Group removal summary"):
-        st.json(m["group_removal"])
-if m.get("validation_protocol"):
-    st.markdown(f"**Protocol.** {m['validation_protocol']}")
+    st.caption("This run was made without validation by retraining.")
 
-c_t, c_d = st.columns(2, gap="large")
-with c_t:
-    st.markdown("### Timings")
-    if m.get("timings_s"):
-        st.plotly_chart(charts.timings_bars(m["timings_s"]), key="timings", config={"displayModeBar": False})
-    else:
-        st.caption("No timings recorded.")
-with c_d:
-    st.markdown("### Solver diagnostics")
-    st.caption("Damping, eigenvalue estimates and residuals ‖(H+λI)x − b‖/‖b‖ of the inverse-Hessian solves.")
+st.markdown("### Time per step")
+if m.get("timings_s"):
+    st.plotly_chart(charts.timings_bars(m["timings_s"]), key="timings", config={"displayModeBar": False})
+else:
+    st.caption("No timings recorded.")
+
+with st.expander("Technical details: solver diagnostics, retraining protocol, configuration, files"):
     diag = m.get("diagnostics") or {}
+    st.markdown("**Solver and training diagnostics** (damping, eigenvalue estimates, residuals of the "
+                "inverse-Hessian solves, final gradient norms)")
     if diag:
-        table = pd.DataFrame({s: render.flatten(d) for s, d in diag.items()})
-        table.index.name = "quantity"
-        st.dataframe(table.astype(str), width="stretch")
+        st.dataframe(readable.diagnostics_table(diag), width="stretch")
     else:
         st.caption("No diagnostics recorded.")
-
-st.markdown("### Configuration")
-config = render.flatten(m.get("config") or {})
-if config:
-    st.caption("Every setting the precompute step ran with.")
-    st.dataframe(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}),
-                 hide_index=True, width="stretch")
-else:
-    st.caption("No configuration recorded.")
-with st.expander(f"Files in this run ({len(run.files())})"):
+    if m.get("validation_protocol"):
+        st.markdown(f"**Retraining protocol.** {m['validation_protocol']}")
+    config = render.flatten(m.get("config") or {})
+    if config:
+        st.markdown("**Configuration** (every setting the precompute step ran with)")
+        st.dataframe(readable.config_table(config), hide_index=True, width="stretch")
+    st.markdown(f"**Files** ({len(run.files())})")
     st.code("\n".join(run.files()), language=None)

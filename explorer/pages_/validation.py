@@ -25,9 +25,8 @@ if all_pairs is not None and not (set(int(t) for t in all_pairs["test_id"]) & se
     all_pairs = None  # pairs for test points that were not scored cannot be shown
 if all_pairs is None or all_pairs.empty:
     st.info(
-        f"Run '{run.name}' has no validation pairs for scenario '{scenario}': the precompute step was run "
-        "without retraining validation. Re-run it with validation enabled to see how well the scores "
-        "predict actual retraining."
+        f"Run '{run.name}' was made without validation by retraining (`--no-validate`), so there is nothing to "
+        "compare here. Runs made with the default settings include it."
     )
 else:
     with_pairs = set(int(t) for t in all_pairs["test_id"]) & set(run.test_points)
@@ -130,10 +129,14 @@ else:
                 st.switch_page("pages_/pretrain_example.py")
 
 # --- group removal -------------------------------------------------------------------------------------
-st.divider()
-st.markdown("### Removing groups of examples")
+validated_run = bool(m.get("validation"))
 group_all = data.group_curve(key, scenario)
-if group_all is None or group_all.empty:
+if validated_run:
+    st.divider()
+    st.markdown("### Removing groups of examples")
+if not validated_run:
+    pass
+elif group_all is None or group_all.empty:
     st.info(f"Run '{run.name}' has no group-removal results for scenario '{scenario}'.")
 else:
     st.markdown(
@@ -150,11 +153,9 @@ else:
         st.plotly_chart(charts.group_curves(g, title=title), key="group_curves")
 
 # --- baselines ---------------------------------------------------------------------------------------------
-st.divider()
-st.markdown("### Compared with baselines")
-if not (m.get("validation") or m.get("baselines")):
-    st.info("This run has no validation statistics to compare.")
-else:
+if validated_run:
+    st.divider()
+    st.markdown("### Compared with baselines")
     c_bars, c_text = st.columns([3, 2], gap="large")
     with c_bars:
         st.plotly_chart(charts.baseline_bars(m.get("validation"), m.get("baselines")), key="baseline_bars")
@@ -165,4 +166,5 @@ else:
         )
         st.info(charts.PAPER_NOTE)
         if m.get("validation_protocol"):
-            st.markdown(f"**Protocol.** {m['validation_protocol']}")
+            with st.expander("How the retraining was done"):
+                st.markdown(m["validation_protocol"])
