@@ -149,6 +149,11 @@ def format_number(value, digits: int = 3) -> str:
     return f"{v:.1e}"
 
 
+def kind_of_score(score: float) -> str:
+    """"helpful" (score > 0: removing the example would raise the loss), "harmful" (< 0) or "random" (0)."""
+    return "helpful" if score > 0 else "harmful" if score < 0 else "random"
+
+
 # ------------------------------------------------------------------------------------------------
 # text
 

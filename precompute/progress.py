@@ -2,9 +2,10 @@
 
 Every long step of a run reports through ``bar(...)`` (something counted: iterations, Hessian
 columns, examples, retrained models) or ``step(...)`` (a named step of the pipeline). On a terminal
-(stderr is a TTY) ``bar`` draws a tqdm bar. Otherwise (a file, a pipe, CI) one heartbeat thread
-prints the innermost active item as one plain line every ``interval`` seconds, whether or not it
-advanced, so a log never goes quiet for longer than that:
+(stderr is a TTY) ``bar`` draws a tqdm bar on stderr. Otherwise (a file, a pipe, CI) one heartbeat
+thread prints the innermost active item as one plain line on stdout every ``interval`` seconds,
+whether or not it advanced, so a log never goes quiet for longer than that (stderr stays for the
+one-line error of a failed run):
 
     [  42.0s] validation > retraining: 96/171 model-stages (56%), pretraining: chunk 1/1, iteration 7,
               largest ‖∇‖ 3.1e-06 | 21.3s, ETA 16s
@@ -40,6 +41,11 @@ def _mode(stream: TextIO) -> str:
         return "tty" if stream.isatty() else "plain"
     except (AttributeError, ValueError):
         return "plain"
+
+
+def _default_stream() -> TextIO:
+    """stderr for bars on a terminal; stdout for plain lines, so stderr holds only errors."""
+    return sys.stderr if _mode(sys.stderr) == "tty" else sys.stdout
 
 
 def format_seconds(s: float) -> str:
@@ -145,7 +151,7 @@ class Bar:
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "it", enabled: bool = True,
                  stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
+        self.stream = stream or _default_stream()
         self.mode = _mode(self.stream) if enabled else "off"
         self.item = _Item(desc, total, unit)
         self._tqdm = None
@@ -203,7 +209,7 @@ def bar(desc: str, total: float | None = None, unit: str = "it", enabled: bool =
 def step(name: str, enabled: bool = True, stream: TextIO | None = None):
     """A named step of the pipeline: one line when it starts and ends (plain mode), heartbeat lines
     in between, and the step's name in front of any counter inside it."""
-    stream = stream or sys.stderr
+    stream = stream or _default_stream()
     mode = _mode(stream) if enabled else "off"
     if mode == "off":
         yield
