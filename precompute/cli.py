@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretraining example is removed (> 0 helpful, < 0 harmful). "
                     "Also: 'python -m precompute check' verifies the math against finite differences.")
     g = p.add_argument_group("what to run")
-    g.add_argument("--preset", choices=("digits", "news", "custom", "demo"), default="demo",
+    g.add_argument("--preset", choices=("digits", "news", "fashion", "custom", "demo"), default="demo",
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
                         "business/politics/tech, finetune entertainment vs sports; custom: your files "
                         "(--pretrain-data); demo: digits and news into the runs root (default)")
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lds", action="store_true", help="also compute the linear datamodeling score")
 
     g = p.add_argument_group("your own data (--preset custom)")
+    g.add_argument("--data-dir", default="", help="fashion: folder holding the Fashion-MNIST IDX files (default "
+                                                   "/usr/share/datasets/fashion-mnist, from apt-get install -y "
+                                                   "dataset-fashion-mnist)")
     g.add_argument("--pretrain-data", default="", help="image folder root/<class>/*.png, a .csv/.jsonl text "
                                                         "file, or MNIST IDX files as IMAGES,LABELS")
     g.add_argument("--finetune-data", default="", help="same formats; omit to split --pretrain-data by classes")
@@ -162,7 +165,7 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
                         pretrain_classes=args.pretrain_classes, finetune_classes=args.finetune_classes,
                         text_column=args.text_column, label_column=args.label_column,
                         finetune_test_fraction=args.finetune_test_fraction, label_noise=args.label_noise,
-                        seed=args.seed),
+                        seed=args.seed, data_dir=args.data_dir),
         model=replace(PRESET_MODELS.get(preset, ModelConfig()),
                       **{k: v for k, v in (("hidden", args.hidden), ("pretrain_l2", args.pretrain_l2),
                                            ("finetune_l2", args.finetune_l2), ("vocabulary", args.vocabulary))

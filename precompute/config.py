@@ -220,6 +220,8 @@ class DataConfig:
     max_pretrain / max_finetune: per-class caps (0 = no cap); quick mode sets small caps.
     label_noise:       fraction of pretraining labels flipped to another class (0 = none).
     seed:              seed of splits, subsampling and label noise.
+    data_dir:          fashion: folder of the Fashion-MNIST IDX files ("" = Debian's
+                       /usr/share/datasets/fashion-mnist).
     """
 
     preset: str = "digits"
@@ -234,6 +236,7 @@ class DataConfig:
     max_finetune: int = 0
     label_noise: float = 0.0
     seed: int = 0
+    data_dir: str = ""
 
 
 @dataclass(frozen=True)
