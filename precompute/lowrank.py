@@ -1,0 +1,72 @@
+"""A low-rank spectral preconditioner for retraining stages too large for a dense Hessian.
+
+For D > ``retraining.MAX_DENSE_PARAMS`` (the fashion CNN: P = 11,813) a dense [D, D] Hessian and its
+O(D³) eigendecomposition are out of reach; a Lanczos run of ``LANCZOS_STEPS`` Hessian-vector
+products at the trained optimum gives Ritz pairs (V, λ) instead, and
+
+    M⁻¹ g = V diag(1/|λ|) Vᵀ g + (I − V Vᵀ) g / τ
+
+with τ the bulk curvature (the Rayleigh quotient of random vectors orthogonal to the Krylov space;
+with L2 λ most of a CNN's spectrum sits at about λ) and V the Ritz vectors whose values differ from
+τ (the top and the bottom of the spectrum). It is the initial inverse Hessian of the batched L-BFGS
+in ``retraining``; the L-BFGS pairs learn the rest of the curvature. It is shared by all models, costs D × rank floats, and
+each application is two [B, D] x [D, r] products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .curvature import batched_hvp
+from .solvers import lanczos
+
+LANCZOS_STEPS = 96
+"""Hessian-vector products of the Lanczos run (each one pass over the stage's data)."""
+KEEP = 96
+"""Ritz pairs kept at most: those farthest from the bulk curvature τ (top and bottom of the spectrum,
+which converge first in Lanczos)."""
+BULK_RATIO = 1.5
+"""A Ritz value within a factor BULK_RATIO of τ is left to the bulk term."""
+TAIL_PROBES = 4
+
+
+class LowRankPreconditioner:
+    """Same call signature as ``retraining.Preconditioner`` (shared by every model)."""
+
+    def __init__(self, vecs: Tensor, inv: Tensor, tail_inv: float, ritz: Tensor):
+        self.vecs, self.inv, self.tail_inv, self.ritz = vecs, inv, tail_inv, ritz    # [D, r], [r]
+
+    @classmethod
+    def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, steps: int | None = None,
+           keep: int | None = None, seed: int = 0) -> "LowRankPreconditioner":
+        """Ritz pairs of ∇²objective(x) from ``steps`` Lanczos iterations; the ``keep`` largest in |λ|."""
+        steps, keep = steps or LANCZOS_STEPS, keep or KEEP
+        x = x.detach()
+        dim = x.numel()
+        steps = min(steps, dim)
+        hvp = batched_hvp(objective, x)
+        q, ritz, small = lanczos(hvp, dim, steps, x.dtype, x.device, seed, return_vectors=True)
+        # Bulk curvature τ: Rayleigh quotient of random vectors orthogonal to the Krylov space.
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        z = torch.randn(dim, TAIL_PROBES, generator=gen, dtype=x.dtype).to(x.device)
+        z = z - q @ (q.T @ z)
+        z = z - q @ (q.T @ z)
+        tau = float(((z * hvp(z)).sum(0) / (z * z).sum(0)).median()) if steps < dim else float(ritz.abs().min())
+        tau = max(abs(tau), 1e-8 * float(ritz.abs().max()))
+        # Keep the Ritz pairs that differ from the bulk (top and bottom of the spectrum), at most ``keep``.
+        distinct = ((ritz.abs() > BULK_RATIO * tau) | (ritz.abs() < tau / BULK_RATIO)).nonzero()[:, 0]
+        distinct = distinct[(ritz[distinct].abs() / tau).log().abs().argsort(descending=True)[:keep]]
+        vecs = q @ small[:, distinct]
+        mags = ritz[distinct].abs().clamp_min(1e-8 * float(ritz.abs().max()))
+        return cls(vecs, 1.0 / mags, 1.0 / tau, ritz)
+
+    def __call__(self, g: Tensor, rows: Tensor | None = None) -> Tensor:
+        """M⁻¹g for g [B, D] (``rows`` is ignored: one M for all models)."""
+        coef = g @ self.vecs
+        return (coef * self.inv) @ self.vecs.T + self.tail_inv * (g - coef @ self.vecs.T)
+
+
+__all__ = ["KEEP", "LANCZOS_STEPS", "LowRankPreconditioner"]
