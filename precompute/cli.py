@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .presets import PRESET_MODELS
+from .presets import PRESET_MODELS, preset_solver
 from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataConfig, InfluenceConfig,
                      ModelConfig, RunConfig, SolverConfig, TrainConfig, ValidationConfig)
 
@@ -23,6 +23,20 @@ from .config import (SCENARIOS, SCORE_PRECISIONS, SOLVERS, CleaningConfig, DataC
 # skips the retraining check, to keep the whole demo within 5 minutes on 2 cores.
 DEMO_RUNS = (("digits", "digits", {}), ("news", "news", {}),
              ("digits-noisy", "digits", {"label_noise": 0.1, "quick": True, "no_validate": True}))
+# The demo leads with Fashion-MNIST garments where the data is installed (quick-sized: the full preset
+# takes far longer than the demo's 10 minutes); elsewhere it says so in one line and shows digits.
+DEMO_FASHION = ("fashion", "fashion", {"quick": True})
+
+
+def demo_runs(data_dir: str, say) -> tuple:
+    from .data.fashion import FASHION_INSTALL, fashion_available
+
+    if fashion_available(data_dir or None):
+        return (DEMO_FASHION, *DEMO_RUNS)
+    say(f"note: Fashion-MNIST is not installed (`{FASHION_INSTALL}`, or --data-dir); the demo shows digits and news")
+    return DEMO_RUNS
+
+
 QUICK_VALIDATION = ValidationConfig(n_test_points=3, k=3, group_percents=(5.0, 10.0))
 QUICK_CLEANING = CleaningConfig(folds=3, percents=(5.0, 10.0))
 
@@ -154,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConfig:
-    solver = SolverConfig(args.solver, damping=args.damping, rank=args.rank, max_iter=args.max_iter)
+    name, damping = preset_solver(preset, args.solver, args.damping)
+    solver = SolverConfig(name, damping=damping, rank=args.rank, max_iter=args.max_iter)
     validation = QUICK_VALIDATION if args.quick else ValidationConfig()
     validation = replace(validation, seed=args.seed, lds=args.lds,
                          **{k: v for k, v in (("n_test_points", args.val_points), ("k", args.k),
@@ -213,7 +228,7 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
     say = (lambda text: print(text, flush=True)) if main_rank else (lambda text: None)
     if args.preset == "demo":
         root = args.out or "runs"
-        jobs = [(preset, f"{root}/{name}", extra) for name, preset, extra in DEMO_RUNS]
+        jobs = [(preset, f"{root}/{name}", extra) for name, preset, extra in demo_runs(args.data_dir, say)]
     else:
         jobs = [(args.preset, args.out or f"runs/{args.preset}", {})]
     for preset, out, extra in jobs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi")
+SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "lanczos-pcg")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
@@ -22,7 +22,9 @@ class SolverConfig:
               "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
-              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side).
+              "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side),
+              "lanczos-pcg" (cg preconditioned by a low-rank Lanczos factorisation, precompute.lowrank;
+              the fashion CNN's solver).
     damping:  λ added to the Hessian's diagonal. 0 is exact influence; raise it when the solver
               reports a non-positive eigenvalue or does not converge.
     max_iter: iteration cap for cg and lissa.

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .curvature import batched_hvp
-from .solvers import lanczos
+from .curvature import BatchedHVP, batched_hvp
+from .solvers import InverseHVP, SolverError, lanczos
 
 LANCZOS_STEPS = 96
 """Hessian-vector products of the Lanczos run (each one pass over the stage's data)."""
@@ -42,12 +42,16 @@ class LowRankPreconditioner:
     @classmethod
     def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, steps: int | None = None,
            keep: int | None = None, seed: int = 0) -> "LowRankPreconditioner":
-        """Ritz pairs of ∇²objective(x) from ``steps`` Lanczos iterations; the ``keep`` largest in |λ|."""
+        """From ``steps`` Lanczos iterations on ∇²objective(x): the bulk τ and up to ``keep`` outlying Ritz pairs."""
+        return cls.from_hvp(batched_hvp(objective, x.detach()), x, steps, keep, seed)
+
+    @classmethod
+    def from_hvp(cls, hvp: BatchedHVP, x: Tensor, steps: int | None = None, keep: int | None = None,
+                 seed: int = 0) -> "LowRankPreconditioner":
+        """The same from a batched Hessian-vector product ([D, k] -> [D, k]); x gives size, dtype, device."""
         steps, keep = steps or LANCZOS_STEPS, keep or KEEP
-        x = x.detach()
         dim = x.numel()
         steps = min(steps, dim)
-        hvp = batched_hvp(objective, x)
         q, ritz, small = lanczos(hvp, dim, steps, x.dtype, x.device, seed, return_vectors=True)
         # Bulk curvature τ: Rayleigh quotient of random vectors orthogonal to the Krylov space.
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -70,3 +74,59 @@ class LowRankPreconditioner:
 
 
 __all__ = ["KEEP", "LANCZOS_STEPS", "LowRankPreconditioner"]
+
+
+class LowRankPCG(InverseHVP):
+    """``--solver lanczos-pcg``: conjugate gradient on exact Hessian products, preconditioned by the
+    low-rank Lanczos M above (built once, with the damping added to its eigenvalues, reused for every
+    right-hand side). The Lanczos run takes the outlying top and bottom eigenvalues out of CG's way,
+    so it converges in far fewer iterations than plain ``cg`` on a CNN's spectrum; the answer is
+    CG's (exact up to ``tol``)."""
+
+    name = "lanczos-pcg"
+
+    def preconditioner(self) -> LowRankPreconditioner:
+        if not hasattr(self, "_pre"):
+            x = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            hvp = self.hvp
+            pre = LowRankPreconditioner.from_hvp(hvp, x, seed=self.config.seed)
+            lam = pre.ritz.abs().max().item()
+            mags = 1.0 / pre.inv + self.damping
+            self._pre = LowRankPreconditioner(pre.vecs, 1.0 / mags, 1.0 / (1.0 / pre.tail_inv + self.damping),
+                                              pre.ritz)
+            self._eig_range = (float(pre.ritz.min()), float(max(lam, pre.ritz.max().item())))
+        return self._pre
+
+    def _solve(self, b: Tensor) -> tuple[Tensor, int]:
+        pre = self.preconditioner()
+        apply = lambda v: pre(v.T).T                           # columns [D, k]
+        tiny = torch.finfo(b.dtype).tiny
+        x, r = torch.zeros_like(b), b.clone()
+        z = apply(r)
+        p, rz = z.clone(), (r * z).sum(0)
+        b_norm = b.norm(dim=0).clamp_min(tiny)
+        it = 0
+        for it in range(1, self.config.max_iter + 1):
+            active = r.norm(dim=0) > self.config.tol * b_norm
+            if not active.any():
+                return x, it - 1
+            ap = self.operator(p)
+            curvature = (p * ap).sum(0)
+            if (curvature[active] <= 0).any():
+                raise SolverError(
+                    f"lanczos-pcg: negative curvature (pᵀ(H+λI)p = {float(curvature[active].min()):.3e}); the "
+                    f"Hessian is indefinite at these parameters: raise the damping (now {self.damping})")
+            step = torch.where(active, rz / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rz))
+            x, r = x + step * p, r - step * ap
+            z = apply(r)
+            rz_new = (r * z).sum(0)
+            beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+            p, rz = z + beta * p, rz_new
+        return x, it
+
+    def eigenvalue_range(self) -> tuple[float, float]:
+        self.preconditioner()
+        return self._eig_range
+
+
+__all__ += ["LowRankPCG"]

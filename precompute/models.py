@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["distinct_units", "fashion_cnn"]
+__all__ = ["distinct_units", "embedding_units", "fashion_cnn"]
 
 
 def fashion_cnn(hidden: int = 32, channels: tuple[int, int] = (8, 16), image_size: int = 28) -> nn.Sequential:
@@ -40,3 +40,16 @@ def distinct_units(features: Tensor | np.ndarray, corr: float = 0.99, min_std: f
             kept.append(j)
     return {"units": int(f.shape[1]), "distinct": len(kept), "dead": int(f.shape[1] - len(alive)),
             "duplicates": len(alive) - len(kept)}
+
+
+def embedding_units(task, trained, chunk: int = 1024) -> dict:
+    """``distinct_units`` of the pretrained embedding on the pretraining set, plus the distinct count of
+    each finetuned scenario's embedding ("distinct_<scenario>"), for the manifest."""
+    def feats(theta: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([task.features(theta, task.pretrain_x[i: i + chunk]).flatten(1)
+                              for i in range(0, task.m, chunk)])
+    out = distinct_units(feats(task.theta_of(trained.p).detach()))
+    for s in trained.finetune:
+        out[f"distinct_{s}"] = distinct_units(feats(task.theta_of(trained.q(s)).detach()))["distinct"]
+    return out

@@ -46,6 +46,18 @@ QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "fashion": (60, 40), "custom
 # Full-mode caps where a preset's source is larger than its time budget (per class: pretrain, finetune):
 # fashion pretrains on m = 5,000 of the 30,000 tops and finetunes on 30 per class (the rest held out).
 FULL_CAPS = {"fashion": (1000, 60)}
+# Influence solver per preset when --solver is auto: (name, damping used when --damping is 0). The fashion
+# CNN (P = 11,813) is past the exact solver; its Hessian is not positive definite everywhere a
+# finite L-BFGS run stops, so a small damping keeps CG's curvature positive.
+PRESET_SOLVERS = {"fashion": ("lanczos-pcg", 1e-3)}
+
+
+def preset_solver(preset: str, name: str, damping: float) -> tuple[str, float]:
+    """(solver name, damping) after the preset's defaults (only when the user left --solver auto)."""
+    if name != "auto" or preset not in PRESET_SOLVERS:
+        return name, damping
+    default_name, default_damping = PRESET_SOLVERS[preset]
+    return default_name, damping or default_damping
 
 
 @dataclass

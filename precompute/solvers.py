@@ -296,3 +296,7 @@ def _relative_residual(operator: BatchedHVP, x: Tensor, b: Tensor) -> float:
     r = operator(x) - b
     rel = r.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
     return float(rel.max())
+
+
+from .lowrank import LowRankPCG  # noqa: E402  (below: it builds on InverseHVP and lanczos)
+_SOLVERS[LowRankPCG.name] = LowRankPCG
