@@ -154,3 +154,22 @@ def test_quick_fashion_run(tmp_path):
         assert m["validation"][s]["n_pairs"] + m["validation"][s]["n_not_converged"] == 6
         assert m["diagnostics"][s]["pretrain_solve"]["solver"] == "lanczos-pcg"
         assert m["diagnostics"][s]["pretrain_solve"]["relative_residual"] < 1e-5
+
+
+def test_demo_leads_with_fashion_or_says_why_not(tmp_path):
+    from precompute.cli import DEMO_FASHION, DEMO_RUNS, demo_runs
+
+    notes = []
+    assert demo_runs(str(tmp_path), notes.append) == DEMO_RUNS
+    assert len(notes) == 1 and FASHION_INSTALL in notes[0]
+    if fashion_available():
+        assert demo_runs("", notes.append)[0] == DEMO_FASHION and len(notes) == 1
+
+
+def test_garments_are_upscaled_large_enough():
+    from explorer import render
+
+    img = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28).astype(np.uint8)
+    big = render.upscale(img, 96)
+    assert big.shape == (112, 112) and np.array_equal(big[::4, ::4], img)
+    assert render.upscale(img, 48).shape == (56, 56)
