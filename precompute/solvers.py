@@ -237,6 +237,9 @@ def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dt
     """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
     if config.name == "auto":
         config = replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
+    if config.name == "lanczos-pcg":         # precompute.lowrank builds on this module: imported here
+        from .lowrank import LowRankPCG
+        return LowRankPCG(hvp, dim, config, dtype, device)
     return _SOLVERS[config.name](hvp, dim, config, dtype, device)
 
 
@@ -296,7 +299,3 @@ def _relative_residual(operator: BatchedHVP, x: Tensor, b: Tensor) -> float:
     r = operator(x) - b
     rel = r.norm(dim=0) / b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
     return float(rel.max())
-
-
-from .lowrank import LowRankPCG  # noqa: E402  (below: it builds on InverseHVP and lanczos)
-_SOLVERS[LowRankPCG.name] = LowRankPCG
