@@ -22,8 +22,10 @@ removal makes the local minimum vanish (a fold) and the model slides to another 
 where the shared M is accurate. A model has converged when ‖∇L_b‖₂ ≤ tol within max_iter steps;
 the others are flagged.
 
-Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning); D > ``MAX_DENSE_PARAMS``
-raises ``RetrainError`` (memory D² floats and an O(D³) eigendecomposition).
+Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning), up to ``MAX_DENSE_PARAMS``
+(memory D² floats and an O(D³) eigendecomposition). Above it (the fashion CNN) M is a low-rank
+Lanczos factorisation plus the bulk curvature (``precompute.lowrank``), shared for every step, and a
+per-model dense M_b raises ``RetrainError``.
 """
 
 from __future__ import annotations
