@@ -45,15 +45,17 @@ STOPWORDS = frozenset(
 
 
 def upscale(image: np.ndarray, size: int = 96) -> np.ndarray:
-    """Nearest-neighbour upscale of a uint8 [H,W] or [H,W,3] image so that its longer side is ~size.
+    """Nearest-neighbour upscale of a uint8 [H,W] or [H,W,3] image so that its longer side is at least
+    ~size (the smallest integer factor that reaches it).
 
-    Integer factors keep every source pixel a crisp square (8x8 -> 96x96 at size=96).
+    Integer factors keep every source pixel a crisp square (8x8 -> 96x96, a 28x28 garment -> 112x112
+    at size=96; 28x28 -> 56x56 for a 48-pixel table thumbnail).
     """
     img = np.asarray(image)
     if img.ndim not in (2, 3):
         raise ValueError(f"expected an image [H,W] or [H,W,3], got shape {img.shape}")
     h, w = img.shape[:2]
-    factor = max(1, int(size // max(h, w)))
+    factor = max(1, -(-int(size) // max(h, w)))
     if factor == 1:
         return img.astype(np.uint8, copy=False)
     return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1).astype(np.uint8, copy=False)

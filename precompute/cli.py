@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import PRESET_MODELS, quick_config
+from .presets import PRESET_MODELS, preset_solver, quick_config
 
 # (run name, preset, {flag dest: value}): the noisy run (for the Data cleaning page) is full-size and
 # validated by retraining on 3 test points (the quick validation sizes), to keep the demo's time down.
@@ -148,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretraining example is removed (> 0 helpful, < 0 harmful). "
                     "Also: 'python -m precompute check' verifies the math against finite differences.")
     g = p.add_argument_group("what to run")
-    g.add_argument("--preset", choices=("digits", "news", "custom", "demo"), default="demo",
+    g.add_argument("--preset", choices=("digits", "news", "fashion", "custom", "demo"), default="demo",
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
-                        "business/politics/tech, finetune entertainment vs sports; custom: your files "
-                        "(--pretrain-data); demo: digits and news into the runs root (default)")
+                        "business/politics/tech, finetune entertainment vs sports; fashion: Fashion-MNIST, "
+                        "a CNN pretrained on tops, finetuned on trousers, shoes and bags (slow on a CPU: see "
+                        "README); custom: your files (--pretrain-data); demo: digits and news into the runs "
+                        "root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
     g.add_argument("--overwrite", **option("overwrite"))
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lds", **option("validation.lds"))
 
     g = p.add_argument_group("your own data (--preset custom)")
+    g.add_argument("--data-dir", **option("data.data_dir"))
     g.add_argument("--pretrain-data", **option("data.pretrain_data"))
     g.add_argument("--finetune-data", **option("data.finetune_data"))
     g.add_argument("--pretrain-classes", type=_csv(), **option("data.pretrain_classes"))
@@ -229,6 +232,10 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
             continue                               # not given, or not a config field (preset, out, threads)
         for path in _paths(dest):
             config = _set(config, path, value)
+    solver = config.influence.pretrain_solver          # a preset's own solver when --solver is auto
+    name, damping = preset_solver(preset, solver.name, solver.damping)
+    for path in _paths("solver"):
+        config = _set(_set(config, f"{path}.name", name), f"{path}.damping", damping)
     return config
 
 

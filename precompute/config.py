@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg")
+SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg", "lanczos-pcg")
 CURVATURES = ("hessian", "ggn")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
 SCENARIOS = ("fixed", "updated")
@@ -36,6 +36,8 @@ class SolverConfig:
               "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side),
               "ekfac" (EK-FAC of the Gauss-Newton matrix per Linear/Conv2d layer; approximate, fast),
               "pcg" (CG on ``curvature`` products preconditioned by the damped EK-FAC inverse; exact).
+              "lanczos-pcg" (cg preconditioned by a low-rank Lanczos factorisation, precompute.lowrank;
+              the fashion CNN's solver).
     damping:  λ added to the Hessian's diagonal. 0 is exact influence; raise it when the solver
               reports a non-positive eigenvalue or does not converge.
     max_iter: iteration cap for cg and lissa.
@@ -262,6 +264,8 @@ class DataConfig:
     max_pretrain / max_finetune: per-class caps (0 = no cap); quick mode sets small caps.
     label_noise:       fraction of pretraining labels flipped to another class (0 = none).
     seed:              seed of splits, subsampling and label noise.
+    data_dir:          fashion: folder of the Fashion-MNIST IDX files ("" = Debian's
+                       /usr/share/datasets/fashion-mnist).
     """
 
     preset: str = "digits"
@@ -278,6 +282,8 @@ class DataConfig:
     label_noise: float = knob(0.0, "flip this fraction of pretraining labels (recorded, to score mislabel "
                                    "detection; turns on --clean)")
     seed: int = knob(0, "seed of splits, initialisation and random removals")
+    data_dir: str = knob("", "fashion: folder holding the Fashion-MNIST IDX files (default: Debian's "
+                             "/usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from .distributed import (agreed, broadcast_object, commit_after_barrier, get_ra
                           rank_zero_compute, rank_zero_writer)
 from .ekfac import with_factor_cache
 from .influence import multi_stage_scores
+from .models import embedding_units
 from .data import DataError
 from .presets import TaskData, build_task, load_task_data
 from .runstore import RunWriter
@@ -256,6 +257,7 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
             "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
         "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
         "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
+        "embedding_units": embedding_units(task, trained),
     }
 
 

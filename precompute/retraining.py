@@ -22,8 +22,10 @@ removal makes the local minimum vanish (a fold) and the model slides to another 
 where the shared M is accurate. A model has converged when ‖∇L_b‖₂ ≤ tol within max_iter steps;
 the others are flagged.
 
-Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning); D > ``MAX_DENSE_PARAMS``
-raises ``RetrainError`` (memory D² floats and an O(D³) eigendecomposition).
+Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning), up to ``MAX_DENSE_PARAMS``
+(memory D² floats and an O(D³) eigendecomposition). Above it (the fashion CNN) M is a low-rank
+Lanczos factorisation plus the bulk curvature (``precompute.lowrank``), shared for every step, and a
+per-model dense M_b raises ``RetrainError``.
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ class Preconditioner:
 
     @classmethod
     def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, what: str) -> "Preconditioner":
-        """Shared M = ∇²objective(x) (x [D])."""
+        """Shared M = ∇²objective(x) (x [D]); above MAX_DENSE_PARAMS a low-rank Lanczos M
+        (``precompute.lowrank``), and stragglers keep it (no per-model Hessians, see ``solve_stage``)."""
+        if x.numel() > MAX_DENSE_PARAMS:
+            from .lowrank import LowRankPreconditioner
+            return LowRankPreconditioner.at(objective, x)
         return cls(*cls._factor(objective, x.detach(), what))
 
     @classmethod
@@ -218,9 +224,11 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     at its current point every ``REFRESH_ITERS`` steps, in groups of ``REFRESH_GROUP``, until
     converged or ``max_iter`` steps in all. Returns (fit, number of per-model Hessians built).
     """
-    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, min(max_iter, SHARED_ITERS), on_iter=on_iter)
+    large = x0.shape[1] > MAX_DENSE_PARAMS           # low-rank shared M for every step (no dense M_b)
+    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, max_iter if large else min(max_iter, SHARED_ITERS),
+                               on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
-    while not bool(conv.all()) and used < max_iter:
+    while not large and not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
         left = (~conv).nonzero()[:, 0]
         per_hessian = x.shape[1] ** 2 * x.element_size()

@@ -123,11 +123,16 @@ def test_left_basin_flags_long_or_turned_changes():
     assert result.left_basin().tolist() == [False, False, True, True]
 
 
-def test_refuses_models_too_large_for_the_dense_preconditioner(tiny, monkeypatch):
+def test_models_above_the_dense_limit_use_the_low_rank_preconditioner(tiny, monkeypatch):
     task, trained, _ = tiny
+    reference = retrain(task, trained, removal_weights(task, [3]), STRICT, progress=False)
     monkeypatch.setattr(retraining, "MAX_DENSE_PARAMS", 50)
     with pytest.raises(RetrainError, match="dense-preconditioner limit of 50"):
-        retrain(task, trained, torch.ones(1, task.m), STRICT, progress=False)
+        retraining.Preconditioner.per_model(lambda x, d: task.pretrain_objective(x, d), trained.p[None],
+                                            torch.ones(1, task.m, dtype=task.dtype), "pretraining")
+    low_rank = retrain(task, trained, removal_weights(task, [3]), STRICT, progress=False)
+    assert low_rank.refreshed["pretrain"] == 0 and low_rank.chain_converged("updated").all()
+    torch.testing.assert_close(low_rank.p, reference.p, rtol=0, atol=1e-9)
     with pytest.raises(RetrainError, match=r"shape \[B, 60\]"):
         retrain(task, trained, torch.ones(1, 3), STRICT, progress=False)
 
