@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .curvature import BatchedHVP, batched_hvp
-from .solvers import InverseHVP, SolverError, lanczos
+from .solvers import InverseHVP, batched_cg, lanczos
 
 LANCZOS_STEPS = 96
 """Hessian-vector products of the Lanczos run (each one pass over the stage's data)."""
@@ -99,30 +99,9 @@ class LowRankPCG(InverseHVP):
 
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
         pre = self.preconditioner()
-        apply = lambda v: pre(v.T).T                           # columns [D, k]
-        tiny = torch.finfo(b.dtype).tiny
-        x, r = torch.zeros_like(b), b.clone()
-        z = apply(r)
-        p, rz = z.clone(), (r * z).sum(0)
-        b_norm = b.norm(dim=0).clamp_min(tiny)
-        it = 0
-        for it in range(1, self.config.max_iter + 1):
-            active = r.norm(dim=0) > self.config.tol * b_norm
-            if not active.any():
-                return x, it - 1
-            ap = self.operator(p)
-            curvature = (p * ap).sum(0)
-            if (curvature[active] <= 0).any():
-                raise SolverError(
-                    f"lanczos-pcg: negative curvature (pᵀ(H+λI)p = {float(curvature[active].min()):.3e}); the "
-                    f"Hessian is indefinite at these parameters: raise the damping (now {self.damping})")
-            step = torch.where(active, rz / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rz))
-            x, r = x + step * p, r - step * ap
-            z = apply(r)
-            rz_new = (r * z).sum(0)
-            beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-            p, rz = z + beta * p, rz_new
-        return x, it
+        return batched_cg(self.operator, b, lambda v: pre(v.T).T, self.config.max_iter, self.config.tol,
+                          f"lanczos-pcg: negative curvature {{}}; the Hessian is indefinite at these "
+                          f"parameters: raise the damping (now {self.damping})")
 
     def eigenvalue_range(self) -> tuple[float, float]:
         self.preconditioner()

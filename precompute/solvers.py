@@ -142,31 +142,9 @@ class CGSolver(InverseHVP):
     name = "cg"
 
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
-        tol = self.config.tol
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(0)
-        b_norm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
-        it = 0
-        for it in range(1, self.config.max_iter + 1):
-            active = r.norm(dim=0) > tol * b_norm
-            if not active.any():
-                return x, it - 1
-            ap = self.operator(p)
-            curvature = (p * ap).sum(0)
-            if (curvature[active] <= 0).any():
-                raise SolverError(
-                    f"cg: negative curvature (pᵀ(H+λI)p = {float(curvature[active].min()):.3e}); the Hessian "
-                    f"is indefinite at these parameters: raise the damping (now {self.damping})")
-            step = torch.where(active, rs / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rs))
-            x = x + step * p
-            r = r - step * ap
-            rs_new = (r * r).sum(0)
-            beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(rs))
-            p = r + beta * p
-            rs = rs_new
-        return x, it
+        return batched_cg(self.operator, b, lambda v: v, self.config.max_iter, self.config.tol,
+                          f"cg: negative curvature {{}}; the Hessian is indefinite at these parameters: raise the "
+                          f"damping (now {self.damping})")
 
 
 class PCGSolver(InverseHVP):
@@ -181,33 +159,42 @@ class PCGSolver(InverseHVP):
         self.preconditioner = preconditioner or (lambda v: v)
 
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
-        tiny = torch.finfo(b.dtype).tiny
-        x = torch.zeros_like(b)
-        r = b.clone()
-        z = self.preconditioner(r)
-        p = z.clone()
-        rz = (r * z).sum(0)
-        b_norm = b.norm(dim=0).clamp_min(tiny)
-        it = 0
-        for it in range(1, self.config.max_iter + 1):
-            active = r.norm(dim=0) > self.config.tol * b_norm
-            if not active.any():
-                return x, it - 1
-            ap = self.operator(p)
-            curvature = (p * ap).sum(0)
-            if (curvature[active] <= 0).any():
-                raise SolverError(
-                    f"pcg: negative curvature (pᵀ(H+λI)p = {float(curvature[active].min()):.3e}); the Hessian "
-                    f"is indefinite at these parameters: use --curvature ggn or raise the damping (now {self.damping})")
-            step = torch.where(active, rz / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rz))
-            x = x + step * p
-            r = r - step * ap
-            z = self.preconditioner(r)
-            rz_new = (r * z).sum(0)
-            beta = torch.where(active, rz_new / rz.where(rz.abs() > tiny, torch.ones_like(rz)), torch.zeros_like(rz))
-            p = z + beta * p
-            rz = rz_new
-        return x, it
+        return batched_cg(self.operator, b, self.preconditioner, self.config.max_iter, self.config.tol,
+                          f"pcg: negative curvature {{}}; the Hessian is indefinite at these parameters: use "
+                          f"--curvature ggn or raise the damping (now {self.damping})")
+
+
+def batched_cg(operator: BatchedHVP, b: Tensor, precondition: BatchedHVP, max_iter: int, tol: float,
+               curvature_error: str) -> tuple[Tensor, int]:
+    """(Preconditioned) conjugate gradients for A X = B on all k columns of b [D, k] at once.
+
+    ``operator``: V -> A V (A symmetric positive definite, damping included); ``precondition``:
+    V -> M⁻¹ V (symmetric positive definite; the identity gives plain CG). A column stops once its
+    relative residual ‖r‖/‖b‖ ≤ ``tol``. Returns (X [D, k], iterations). Raises ``SolverError``
+    with ``curvature_error`` (its ``{}`` filled with pᵀAp) when a direction meets non-positive
+    curvature, so no score is ever computed from an indefinite solve.
+    """
+    tiny = torch.finfo(b.dtype).tiny
+    x, r = torch.zeros_like(b), b.clone()
+    z = precondition(r)
+    p, rz = z.clone(), (r * z).sum(0)
+    b_norm = b.norm(dim=0).clamp_min(tiny)
+    it = 0
+    for it in range(1, max_iter + 1):
+        active = r.norm(dim=0) > tol * b_norm
+        if not active.any():
+            return x, it - 1
+        ap = operator(p)
+        curvature = (p * ap).sum(0)
+        if (curvature[active] <= 0).any():
+            raise SolverError(curvature_error.format(f"(pᵀ(H+λI)p = {float(curvature[active].min()):.3e})"))
+        step = torch.where(active, rz / curvature.where(active, torch.ones_like(curvature)), torch.zeros_like(rz))
+        x, r = x + step * p, r - step * ap
+        z = precondition(r)
+        rz_new = (r * z).sum(0)
+        beta = torch.where(active, rz_new / rz.where(rz.abs() > tiny, torch.ones_like(rz)), torch.zeros_like(rz))
+        p, rz = z + beta * p, rz_new
+    return x, it
 
 
 class LissaSolver(InverseHVP):

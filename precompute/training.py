@@ -138,16 +138,11 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         else:
             floor = 1e-10 * float(evals.abs().max())
             direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
-        step = 1.0
-        while step > 1e-6:
-            candidate = (x - step * direction).detach()
-            new_value = float(objective(candidate))
-            if new_value < value or (new_value == value and not at_stationary_point):
-                x, value = candidate, new_value
-                break
-            step /= 2
-        else:
+        moved = _halving_step(objective, x, direction,
+                              lambda v: v < value or (v == value and not at_stationary_point))
+        if moved is None:
             break
+        x, value = moved
     return x.detach(), False
 
 
@@ -170,17 +165,24 @@ def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: floa
         direction, positive = _steihaug(hvp, g, cg_iters, min(0.1, gnorm ** 0.5))
         if gnorm <= grad_tol:
             return x.detach(), positive
-        step = 1.0
-        while step > 1e-6:
-            candidate = (x - step * direction).detach()
-            new_value = float(objective(candidate))
-            if new_value <= value:
-                x, value = candidate, new_value
-                break
-            step /= 2
-        else:
+        moved = _halving_step(objective, x, direction, lambda v: v <= value)
+        if moved is None:
             break
+        x, value = moved
     return x.detach(), False
+
+
+def _halving_step(objective: Objective, x: Tensor, direction: Tensor, accept) -> tuple[Tensor, float] | None:
+    """x − t·direction for the first t in 1, 1/2, 1/4, … (down to 1e-6) whose objective value
+    ``accept`` takes, with that value; None when no step is accepted."""
+    step = 1.0
+    while step > 1e-6:
+        candidate = (x - step * direction).detach()
+        new_value = float(objective(candidate))
+        if accept(new_value):
+            return candidate, new_value
+        step /= 2
+    return None
 
 
 def _steihaug(hvp, g: Tensor, max_iter: int, rtol: float) -> tuple[Tensor, bool]:
