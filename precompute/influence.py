@@ -40,7 +40,8 @@ from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, 
 from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS,
                       add_precision_check, directional_derivatives,
                       per_example_gradients, precision_check, score_pretraining, sharded_score_pretraining)
-from .solvers import BatchedHVP, InverseHVP, SolverError, make_solver
+from .lowrank import solver_for
+from .solvers import BatchedHVP, InverseHVP, SolverError
 from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -75,7 +76,7 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     hvp = counted(hvp, on_product)
     if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
         return pretrain_system(task, p, config, hvp)
-    return make_solver(hvp, task.n_pretrain_params, config, p.dtype, p.device)
+    return solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -108,7 +109,7 @@ def embedding_sensitivity_fixed(task: TwoStageTask, q: Tensor, test_ids: Tensor,
     uu_hvp = batched_hvp(lambda u: task.finetune_objective(torch.cat([theta, u])), q[nt:])
     if config.name in KFAC_SOLVERS:                        # the head is small: solve it exactly
         config = head_config(config, task.u_layout.size)
-    solver = make_solver(uu_hvp, task.u_layout.size, config, q.dtype, q.device)
+    solver = solver_for(uu_hvp, task.u_layout.size, config, q.dtype, q.device)
     v, diag = solver.solve(grads[nt:])                             # H_UU⁻¹ ∇_U f, [PU, T]
     cross = full_hvp(torch.cat([torch.zeros(nt, v.shape[1], dtype=v.dtype, device=v.device), v]))[:nt]
     return EmbeddingSensitivity(grads[:nt] - cross, {"finetune_solve": diag.as_dict()})
@@ -122,7 +123,7 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
         solver = updated_system(task, q, anchor.detach(), alpha, config)
     else:
         hvp = finetune_curvature(task, q, anchor.detach(), alpha, config.curvature)
-        solver = make_solver(hvp, task.n_finetune_params, config, q.dtype, q.device)
+        solver = solver_for(hvp, task.n_finetune_params, config, q.dtype, q.device)
     u, diag = solver.solve(grads)
     return EmbeddingSensitivity(alpha * u[: task.n_theta], {"finetune_solve": diag.as_dict()})
 

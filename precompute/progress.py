@@ -101,11 +101,15 @@ class _Reporter:
         self.t0 = time.perf_counter()
         self.thread: threading.Thread | None = None
         self.stream: TextIO = sys.stderr
+        self.wake = threading.Event()
+        self.sleeping_for = 0.0
 
     def push(self, item: _Item, stream: TextIO) -> None:
         with self.lock:
             self.stack.append(item)
             self.stream = stream
+            if _interval() < self.sleeping_for:   # the interval was shortened: do not finish the long wait
+                self.wake.set()
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._beat, name="precompute-progress", daemon=True)
                 self.thread.start()
@@ -133,7 +137,10 @@ class _Reporter:
     def _beat(self) -> None:
         """Lives as long as the process (a daemon); prints only while something is active."""
         while True:
-            time.sleep(_interval())
+            self.sleeping_for = _interval()
+            if self.wake.wait(self.sleeping_for):
+                self.wake.clear()
+                continue
             text = self.current()
             if text:
                 self.emit(text)

@@ -883,8 +883,16 @@ class Run:
 
     def _read_table(self, rel: str) -> pd.DataFrame:
         """A Parquet table of the run; a damaged file raises RunStoreError (the explorer's notice)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         path = self._file(rel)
         try:
+            # Damaged string pages can decode lazily (at the first sort or conversion, inside a page of
+            # the explorer), so check every string column's UTF-8 here, while it can still be refused.
+            text = [f.name for f in pq.read_schema(path) if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+            if text:
+                pq.read_table(path, columns=text).validate(full=True)
             return pd.read_parquet(path)
         except Exception as exc:       # noqa: BLE001 (pyarrow raises many kinds on damaged files)
             raise RunStoreError(f"run '{self.name}': {rel} is damaged ({type(exc).__name__}); re-run precompute") from exc

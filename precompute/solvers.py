@@ -289,12 +289,10 @@ def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dt
     """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
     if config.name == "auto":
         config = replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
-    if config.name == "lanczos-pcg":         # precompute.lowrank builds on this module: imported here
-        from .lowrank import LowRankPCG
-        return LowRankPCG(hvp, dim, config, dtype, device)
     if config.name not in _SOLVERS:
-        raise SolverError(f"solver {config.name!r} needs the task's layers (precompute.ekfac.pretrain_system / "
-                          "updated_system), not only a Hessian-vector product")
+        raise SolverError(f"solver {config.name!r} is built above this module: ekfac and pcg need the task's "
+                          "layers (precompute.ekfac), lanczos-pcg its low-rank preconditioner "
+                          "(precompute.lowrank.solver_for)")
     return _SOLVERS[config.name](hvp, dim, config, dtype, device)
 
 
