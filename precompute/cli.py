@@ -30,6 +30,8 @@ from .presets import PRESET_MODELS, preset_solver, quick_config
 DEMO_RUNS = (("digits", "digits", {}), ("news", "news", {}),
              ("digits-noisy", "digits", {"data.label_noise": 0.1, "validation.n_test_points": 3, "validation.k": 3,
                                          "validation.group_percents": (5.0, 10.0)}))
+# Flags that name a config field but are resolved per job (the demo writes ROOT/<name> for --out ROOT).
+NOT_CONFIG = frozenset({"out", "preset"})
 # Flags that set several fields: one seed for data, removals and folds; one solver for both stages.
 FANOUT = {"seed": ("data.seed", "validation.seed", "cleaning.seed"),
           "solver": ("influence.pretrain_solver", "influence.finetune_solver")}
@@ -228,8 +230,9 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
     if args.quick:
         config = quick_config(config)
     for dest, value in vars(args).items():
-        if value is None or _paths(dest)[0].split(".")[0] not in {f.name for f in fields(RunConfig)}:
-            continue                               # not given, or not a config field (preset, out, threads)
+        config_fields = {f.name for f in fields(RunConfig)}
+        if value is None or dest in NOT_CONFIG or _paths(dest)[0].split(".")[0] not in config_fields:
+            continue                               # not given, or not a config flag (preset, out, threads)
         for path in _paths(dest):
             config = _set(config, path, value)
     solver = config.influence.pretrain_solver          # a preset's own solver when --solver is auto

@@ -69,3 +69,10 @@ def test_one_l2_default():
     fields = TwoStageTask.__dataclass_fields__
     assert fields["pretrain_l2"].default == fields["finetune_l2"].default == DEFAULT_L2
     assert all(m.pretrain_l2 == m.finetune_l2 == DEFAULT_L2 for m in PRESET_MODELS.values())
+
+
+def test_demo_out_is_the_runs_root_not_a_run():
+    """`--preset demo --out ROOT` writes ROOT/<name> for every demo run (a bug once sent them all to ROOT)."""
+    args = build_parser().parse_args(["--preset", "demo", "--out", "somewhere"])
+    for name, preset, _ in DEMO_RUNS:
+        assert config_from_args(args, preset, f"somewhere/{name}").out == f"somewhere/{name}"
