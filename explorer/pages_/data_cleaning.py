@@ -157,11 +157,11 @@ with tab_table:
     st.dataframe(shown, key="suspects_table", hide_index=True, width="stretch", column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
         "pretrain_id": st.column_config.NumberColumn("pretraining id", format="%d"),
-        "suspicion": st.column_config.NumberColumn("ranked by", format="%.3e"),
+        "suspicion": st.column_config.NumberColumn("ranked by", format=render.SCORE_FORMAT),
         "label_name": st.column_config.TextColumn("given label"),
         "suggested_name": st.column_config.TextColumn("suggested label"),
         "original_label_name": st.column_config.TextColumn("true label (before noise)"),
-        **{s: st.column_config.NumberColumn(charts.method_label(s), format="%.3e") for s in signals},
+        **{s: st.column_config.NumberColumn(charts.method_label(s), format=render.SCORE_FORMAT) for s in signals},
     })
 
 # --- flagged examples and export -----------------------------------------------------------------
