@@ -31,6 +31,14 @@ def quick_runs(tmp_path_factory):
     return root, {"image": "digits", "text": "news"}
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny float64 two-stage task, trained once per session (``tests/tiny_task.py``)."""
+    from tiny_task import tiny_task
+
+    return tiny_task()
+
+
 @pytest.fixture
 def clear_streamlit_caches():
     """Empty st.cache_data / st.cache_resource before and after an AppTest test."""
