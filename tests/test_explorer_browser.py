@@ -7,6 +7,8 @@ Never run `playwright install`: the system Chromium is used.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import shutil
 import signal
@@ -70,11 +72,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
     raise TimeoutError(f"streamlit did not become healthy at {url} within {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def server(browser_runs, tmp_path_factory):
-    root, _ = browser_runs
+@contextmanager
+def explorer_server(root: Path, log: Path):
+    """A Streamlit server of the explorer over the runs root ``root`` on a free loopback port; yields its
+    URL and stops the whole process group afterwards (its output goes to ``log``)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit-log") / "streamlit.log"
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
@@ -100,6 +102,13 @@ def server(browser_runs, tmp_path_factory):
             proc.wait(timeout=5)
         if proc.returncode not in (0, -signal.SIGTERM, None):
             print(log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(browser_runs, tmp_path_factory):
+    root, _ = browser_runs
+    with explorer_server(root, tmp_path_factory.mktemp("streamlit-log") / "streamlit.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

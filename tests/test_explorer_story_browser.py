@@ -8,9 +8,6 @@ UPDATE_SCREENSHOTS=1).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_explorer_browser import (IMG, _free_port, _open, _save, _settle, _wait_healthy,  # noqa: E402
+from test_explorer_browser import (IMG, _open, _save, _settle, explorer_server,  # noqa: E402
                                    browser)  # noqa: F401  (the fixture)
 
 from precompute.runstore import open_run  # noqa: E402
@@ -37,26 +34,8 @@ def story_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def story_server(story_root, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("story-streamlit-log") / "streamlit.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--", "--runs", str(story_root)]
-    env = {k: v for k, v in os.environ.items() if k != "EXPLORER_RUNS_DIR"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with explorer_server(story_root, tmp_path_factory.mktemp("story-streamlit-log") / "streamlit.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
 
 
 def _box(page, selector: str) -> dict:
