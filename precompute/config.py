@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg", "lanczos-pcg")
 CURVATURES = ("hessian", "ggn")
-AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, cg above
+AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, pcg or cg above
 SCENARIOS = ("fixed", "updated")
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
 DEFAULT_L2 = 1e-2
@@ -29,7 +29,8 @@ def knob(default, help: str):
 class SolverConfig:
     """How to apply an inverse Hessian, ``x = (H + damping·I)⁻¹ b``.
 
-    name:     "auto" ("exact" up to AUTO_EXACT_MAX_DIM parameters, else "cg"),
+    name:     "auto" ("exact" up to AUTO_EXACT_MAX_DIM parameters; above, "pcg" when every parameter
+              sits in a Linear/Conv2d layer and L2 + damping > 0, else "cg"; ``ekfac.auto_solver``),
               "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
@@ -64,7 +65,8 @@ class SolverConfig:
 
     name: str = knob("auto", "inverse-Hessian solver: exact (dense), cg, lissa, arnoldi, ekfac (EK-FAC per "
                              "Linear/Conv2d layer, approximate), pcg (CG preconditioned by EK-FAC, exact); "
-                             f"auto = exact up to {AUTO_EXACT_MAX_DIM:,} parameters, else cg")
+                             f"auto = exact up to {AUTO_EXACT_MAX_DIM:,} parameters, else pcg (cg when a "
+                             "layer is not Linear/Conv2d)")
     damping: float = knob(0.0, "λ added to every Hessian")
     max_iter: int = knob(1000, "cg/lissa iterations at most")
     tol: float = 1e-6

@@ -485,6 +485,23 @@ def updated_system(task: TwoStageTask, q: Tensor, anchor: Tensor, alpha: float, 
                           q.dtype, q.device)
 
 
+def auto_solver(config: SolverConfig, dim: int, roots: list[Root], shift: float) -> SolverConfig:
+    """``config`` with "auto" resolved for a system of ``dim`` parameters over ``roots`` whose objective
+    adds at least ``shift`` (L2, α) to every diagonal entry; other names pass through unchanged.
+
+    "exact" up to AUTO_EXACT_MAX_DIM; above, "pcg" when EK-FAC models every parameter (all sit in
+    Linear/Conv2d layers: no diagonal fallback) and its damped inverse exists (shift + damping > 0),
+    else "cg". pcg's answers are cg's (exact up to tol) in fewer iterations: measured on a P = 8,965
+    MLP (float64, T = 32, damping 1e-3) 52/50 iterations and 185 s against cg's 98/164 and 496 s.
+    """
+    if config.name != "auto":
+        return config
+    if dim <= AUTO_EXACT_MAX_DIM:
+        return replace(config, name="exact")
+    preconditioned = shift + config.damping > 0 and not find_layers(roots)[1]
+    return replace(config, name="pcg" if preconditioned else "cg")
+
+
 def head_config(config: SolverConfig, dim: int) -> SolverConfig:
     """The fixed scenario's H_UU solve: the head is small, so exact (cg above AUTO_EXACT_MAX_DIM)."""
     return replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
@@ -492,8 +509,8 @@ def head_config(config: SolverConfig, dim: int) -> SolverConfig:
 
 KFAC_SOLVERS = ("ekfac", "pcg")
 
-__all__ = ["EKFACFactors", "EKFACSolver", "FALLBACK_RULE", "KFAC_SOLVERS", "LayerBlock", "find_layers",
-           "finetune_factors", "fit_ekfac", "head_config", "layer_signals", "pretrain_factors",
+__all__ = ["EKFACFactors", "EKFACSolver", "FALLBACK_RULE", "KFAC_SOLVERS", "LayerBlock", "auto_solver",
+           "find_layers", "finetune_factors", "fit_ekfac", "head_config", "layer_signals", "pretrain_factors",
            "pretrain_system", "updated_system"]
 
 

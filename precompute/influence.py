@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import jacrev
 
 from . import progress as progress_report
-from .config import AUTO_EXACT_MAX_DIM, InfluenceConfig, SolverConfig
+from .config import InfluenceConfig, SolverConfig
 from .contract import SCORE_DEFINITION
 from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, pretrain_curvature
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
@@ -42,7 +42,8 @@ from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORIN
                       per_example_gradients, precision_check, score_pretraining, sharded_score_pretraining)
 from .lowrank import solver_for
 from .solvers import BatchedHVP, InverseHVP, SolverError
-from .ekfac import KFAC_SOLVERS, head_config, pretrain_system, updated_system
+from .ekfac import (KFAC_SOLVERS, auto_solver, finetune_roots, head_config, pretrain_roots, pretrain_system,
+                    updated_system)
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -68,7 +69,9 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     pass over them (``precompute.streaming``), so memory does not grow with m. ``data_parallel``:
     each product sums every rank's shard part (``distributed_pretrain_hvp``; collective, so every
     rank must ``solve`` the same right-hand side). ``config.curvature`` "ggn" uses Gauss-Newton
-    products (one process, or rank 0 alone under torchrun); "ekfac" and "pcg" fit EK-FAC factors."""
+    products (one process, or rank 0 alone under torchrun); "ekfac" and "pcg" fit EK-FAC factors;
+    "auto" resolves by ``pretrain_config``."""
+    config = pretrain_config(task, config)
     if data_parallel and config.curvature != "hessian":
         raise TaskError(f"--curvature {config.curvature} under torchrun needs --rank-zero-solve (the "
                         "data-parallel products are Hessian products)")
@@ -77,6 +80,11 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
         return pretrain_system(task, p, config, hvp)
     return solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
+
+
+def pretrain_config(task: TwoStageTask, config: SolverConfig) -> SolverConfig:
+    """``config`` with "auto" resolved for (H_P + λI) over (θ, W): exact, pcg or cg (``ekfac.auto_solver``)."""
+    return auto_solver(config, task.n_pretrain_params, pretrain_roots(task), task.pretrain_l2)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -119,6 +127,7 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
                                   test_ids: Tensor, config: SolverConfig) -> EmbeddingSensitivity:
     """g_t = α [(H_F + αD)⁻¹ ∇f]_θ at (θ_ft, U*): d f / d θ* through the proximal anchor."""
     grads = gradients_at_test_points(task, q, test_ids)
+    config = auto_solver(config, task.n_finetune_params, finetune_roots(task), min(alpha, task.finetune_l2))
     if config.name in KFAC_SOLVERS:                        # α adds to the θ-layers' EK-FAC eigenvalues
         solver = updated_system(task, q, anchor.detach(), alpha, config)
     else:
@@ -168,9 +177,9 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
     rhs = torch.cat([g, torch.zeros(task.w_layout.size, g.shape[1], dtype=g.dtype, device=g.device)])
 
     def solve() -> tuple[Tensor, dict]:
-        name, dim = config.pretrain_solver.name, task.n_pretrain_params
-        exact = name == "exact" or (name == "auto" and dim <= AUTO_EXACT_MAX_DIM)
-        with solve_progress(progress and solver is None and get_rank() == 0, dim if exact else None) as bar:
+        exact = pretrain_config(task, config.pretrain_solver).name == "exact"
+        with solve_progress(progress and solver is None and get_rank() == 0,
+                            task.n_pretrain_params if exact else None) as bar:
             s, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update, data_parallel)).solve(rhs)
         return s, diag.as_dict()
 
@@ -243,5 +252,5 @@ __all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "PRECISION_SAMPLE", "SCORING_ME
            "SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "add_precision_check", "batched_hvp",
            "directional_derivatives", "embedding_sensitivity_fixed", "embedding_sensitivity_updated", "finetune_side",
            "gradients_at_test_points", "multi_stage_scores",
-           "per_example_gradients", "precision_check", "pretrain_solver", "score_pretraining", "sharded_score_pretraining",
-           "stacked_test_vectors"]
+           "per_example_gradients", "precision_check", "pretrain_config", "pretrain_solver", "score_pretraining",
+           "sharded_score_pretraining", "stacked_test_vectors"]

@@ -287,7 +287,7 @@ _SOLVERS: dict[str, type[InverseHVP]] = {
 def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dtype,
                 device: torch.device | str) -> InverseHVP:
     """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
-    if config.name == "auto":
+    if config.name == "auto":      # without the task's layers; ekfac.auto_solver may pick pcg instead of cg
         config = replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
     if config.name not in _SOLVERS:
         raise SolverError(f"solver {config.name!r} is built above this module: ekfac and pcg need the task's "

@@ -10,10 +10,11 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from precompute.config import InfluenceConfig, SolverConfig
+from precompute import ekfac
 from precompute.ekfac import fit_ekfac
 from precompute.fd_check import TIGHT, build_check_task
-from precompute.influence import multi_stage_scores
-from precompute.task import ParamLayout, cross_entropy_per_example
+from precompute.influence import multi_stage_scores, pretrain_config
+from precompute.task import ParamLayout, TwoStageTask, cross_entropy_per_example
 from precompute.training import train_stages
 
 
@@ -121,6 +122,38 @@ def tiny():
 def scores(task, trained, solver: SolverConfig, ids=(0, 1, 2, 3)):
     config = InfluenceConfig(alpha=trained.alpha, pretrain_solver=solver, finetune_solver=solver)
     return multi_stage_scores(task, trained, list(ids), config, progress=False)
+
+
+def test_auto_is_pcg_above_the_exact_limit_on_linear_layers_and_the_run_records_it(tiny, monkeypatch):
+    """Above AUTO_EXACT_MAX_DIM (lowered here), "auto" solves both EK-FAC-able systems by pcg (exact
+    answers) and the diagnostics name pcg; the fixed scenario's head stays exact."""
+    task, trained = tiny
+    monkeypatch.setattr(ekfac, "AUTO_EXACT_MAX_DIM", 10)
+    reference, _ = scores(task, trained, SolverConfig("exact"))
+    got, diag = scores(task, trained, SolverConfig("auto", tol=1e-10))
+    for s in ("fixed", "updated"):
+        np.testing.assert_allclose(got[s], reference[s], rtol=1e-6, atol=1e-7 * np.abs(reference[s]).max())
+        assert diag[s]["pretrain_solve"]["solver"] == "pcg"
+    assert diag["updated"]["finetune_solve"]["solver"] == "pcg"
+    assert diag["fixed"]["finetune_solve"]["solver"] == "exact"
+
+
+def test_auto_is_cg_above_the_limit_without_full_ekfac_cover_or_positive_shift(tiny, monkeypatch):
+    """A LayerNorm in the embedding (EK-FAC's diagonal fallback) or L2 = damping = 0 (no damped
+    EK-FAC inverse): cg; at or below the limit: exact; an explicit name is kept."""
+    task, _ = tiny
+    auto = SolverConfig("auto")
+    assert pretrain_config(task, auto).name == "exact"
+    monkeypatch.setattr(ekfac, "AUTO_EXACT_MAX_DIM", 10)
+    assert pretrain_config(task, auto).name == "pcg"
+    assert pretrain_config(task, SolverConfig("cg")).name == "cg"
+    data = (task.pretrain_x, task.pretrain_y, task.finetune_x, task.finetune_y, task.test_x, task.test_y)
+    normed = TwoStageTask(nn.Sequential(nn.Linear(16, 5), nn.LayerNorm(5), nn.Tanh()), nn.Linear(5, 3),
+                          nn.Linear(5, 2), *data)
+    assert pretrain_config(normed, auto).name == "cg"
+    unregularised = TwoStageTask(task.embedding, task.pretrain_head, task.finetune_head, *data, pretrain_l2=0.0)
+    assert pretrain_config(unregularised, auto).name == "cg"
+    assert pretrain_config(unregularised, SolverConfig("auto", damping=1e-3)).name == "pcg"
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
