@@ -8,6 +8,8 @@ process group, so one process is the degenerate case of N:
 
     precompute.curvature   ``distributed_pretrain_hvp``: each rank's shard part of H_P V,
                            summed by ``all_reduce_sum``
+    precompute.ekfac       ``fit_ekfac(data_parallel=True)``: each rank's shard part of the
+                           EK-FAC sums, all-reduced (ekfac/pcg with the data-parallel solve)
     precompute.influence   ``stacked_test_vectors``: the finetune side on rank 0
                            (``rank_zero_compute``), the pretraining solve on rank 0 or in lockstep
                            on every rank, the vectors broadcast (``broadcast_vectors``)

@@ -26,6 +26,9 @@ gradients; ``EKFACFactors.report()`` lists which parameters used which rule.
 
 The objective's quadratic terms are exact and added per parameter as a shift: L2 λ_P on all of
 (θ, W) for pretraining; in the updated finetune system (H_F + αD), α on θ's layers and λ_F on U's.
+
+Under torchrun with the data-parallel solve, the pretraining factors are fitted shard by shard: each
+rank streams its rows, the covariances and Λ sums are all-reduced (``fit_ekfac(data_parallel=True)``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch.func import grad, vmap
 
 from .config import AUTO_EXACT_MAX_DIM, SolverConfig
 from .curvature import BatchedHVP, Outputs, finetune_curvature, output_hessian_sqrt, pretrain_curvature
+from .distributed import all_reduce_sum, broadcast_vectors, get_rank, get_world_size, shard_range
 from .solvers import InverseHVP, PCGSolver, SolverError
 from .task import ParamLayout, TwoStageTask
 
@@ -277,22 +281,28 @@ def fingerprint(point: Tensor, x_len: int) -> str:
 
 
 def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, roots: list[Root],
-              chunk_size: int = 512) -> EKFACFactors:
+              chunk_size: int = 512, data_parallel: bool = False) -> EKFACFactors:
     """Fit EK-FAC factors at ``point`` over the examples (x, y): two streamed passes.
 
     outputs(point, x_chunk) -> [B, C]; loss_fn(z, y) -> [B]; ``denominator`` n of the objective's
     mean; ``roots`` the modules whose parameters make up ``point``, in order. x may be LazyRows.
+    ``data_parallel`` (collective, every rank calls it): each rank streams its shard of the rows
+    (``shard_range``) and the sums are all-reduced, so every rank gets the factors of all n examples
+    (rank 0's, broadcast: a lockstep pcg needs bit-identical preconditioners on every rank).
     """
     blocks, fallback = find_layers(roots)
     dim, n = len(point), len(x)
     if dim != sum(layout.size for _, _, layout in roots):
         raise SolverError(f"ekfac: point has {dim} entries, the modules {sum(l.size for _, _, l in roots)}")
     dtype, device = point.dtype, point.device
-    spans = [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    rows = shard_range(n, get_rank(), get_world_size()) if data_parallel else slice(0, n)
+    total = all_reduce_sum if data_parallel else (lambda t: t)
+    spans = [slice(s, min(s + chunk_size, rows.stop)) for s in range(rows.start, rows.stop, chunk_size)]
+    probe = spans[0] if spans else slice(0, 1)         # an empty shard still finds the same layers
     # first chunk: drop layers that run more than once per forward (their gradient is a sum over calls)
     while True:
         try:
-            first = layer_signals(outputs, loss_fn, point, x[spans[0]], y[spans[0]], blocks)
+            first = layer_signals(outputs, loss_fn, point, x[probe], y[probe], blocks)
             break
         except _Reused as err:
             fallback += [(f"{b.name}.{kind}", getattr(b, kind)) for b in blocks if b.name in err.names
@@ -305,8 +315,8 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
         for i, (a, d) in enumerate(zip(acts, deltas)):
             a_cov[i] += torch.einsum("bli,blj->ij", a, a)
             s_cov[i] += torch.einsum("cblo,cblp->op", d, d)
-    qa = [_eigvecs(c) for c in a_cov]
-    qs = [_eigvecs(c) for c in s_cov]
+    qa = [_eigvecs(total(c)) for c in a_cov]
+    qs = [_eigvecs(total(c)) for c in s_cov]
     lam = [torch.zeros(b.out_features, b.d_in, dtype=dtype, device=device) for b in blocks]
     fb_index = torch.cat([torch.arange(s.start, s.stop) for _, s in fallback]).to(device) if fallback else None
     diag = torch.zeros(0 if fb_index is None else len(fb_index), dtype=dtype, device=device)
@@ -322,8 +332,14 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
                     lam[i] += (torch.einsum("blo,bli->boi", dp[c], ap) ** 2).sum(0)
         if fb_index is not None:
             diag += _fallback_diagonal(outputs, point, x[sl], sqrt, fb_index)
-    lam = [v / denominator for v in lam]
-    return EKFACFactors(blocks, fallback, dim, qa, qs, lam, diag / denominator, fingerprint(point, n))
+    lam = [total(v) / denominator for v in lam]
+    diag = total(diag) / denominator
+    if data_parallel:
+        parts = broadcast_vectors({f"{i}.{k}": t for i, ts in enumerate(zip(qa, qs, lam))
+                                   for k, t in zip(("qa", "qs", "lam"), ts)} | {"diag": diag}, device=device)
+        qa, qs, lam = ([parts[f"{i}.{k}"] for i in range(len(blocks))] for k in ("qa", "qs", "lam"))
+        diag = parts["diag"]
+    return EKFACFactors(blocks, fallback, dim, qa, qs, lam, diag, fingerprint(point, n))
 
 
 def _eigvecs(cov: Tensor) -> Tensor:
@@ -357,27 +373,36 @@ def finetune_roots(task: TwoStageTask) -> list[Root]:
 
 
 def cached_factors(fit: Callable[[], EKFACFactors], path: Path | None, point: Tensor, n: int,
-                   roots: list[Root]) -> EKFACFactors:
-    """Factors from ``path`` when they were saved for this point and data size, else ``fit()`` (and save)."""
+                   roots: list[Root], data_parallel: bool = False) -> EKFACFactors:
+    """Factors from ``path`` when they were saved for this point and data size, else ``fit()`` (and save).
+
+    ``data_parallel``: ``fit`` is collective, so every rank fits unless every rank loaded; rank 0 saves."""
+    factors = None
     if path is not None and path.exists():
         try:
             factors = EKFACFactors.load(path, roots, point.device, point.dtype)
-            if factors.fingerprint == fingerprint(point, n):
-                return factors
+            if factors.fingerprint != fingerprint(point, n):
+                factors = None
         except (SolverError, KeyError, OSError):       # another model's or a damaged file: refit
             pass
-    factors = fit()
-    if path is not None:
-        factors.save(path)
+    if data_parallel and float(all_reduce_sum(torch.ones(1) * (factors is None))) > 0:
+        factors = None
+    if factors is None:
+        factors = fit()
+        if path is not None and (not data_parallel or get_rank() == 0):
+            factors.save(path)
     return factors
 
 
-def pretrain_factors(task: TwoStageTask, p: Tensor, config: SolverConfig) -> EKFACFactors:
-    """EK-FAC of the pretraining data term's GGN at p (cached under ``config.factors_dir``)."""
+def pretrain_factors(task: TwoStageTask, p: Tensor, config: SolverConfig,
+                     data_parallel: bool = False) -> EKFACFactors:
+    """EK-FAC of the pretraining data term's GGN at p (cached under ``config.factors_dir``);
+    ``data_parallel``: fitted over every rank's shard (collective, see ``fit_ekfac``)."""
     path = Path(config.factors_dir) / "ekfac_pretrain.safetensors" if config.factors_dir else None
     return cached_factors(lambda: fit_ekfac(task.pretrain_outputs, task.pretrain_loss, p, task.pretrain_x,
-                                            task.pretrain_y, task.m, pretrain_roots(task), config.factor_chunk),
-                          path, p, task.m, pretrain_roots(task))
+                                            task.pretrain_y, task.m, pretrain_roots(task), config.factor_chunk,
+                                            data_parallel),
+                          path, p, task.m, pretrain_roots(task), data_parallel)
 
 
 def finetune_factors(task: TwoStageTask, q: Tensor, config: SolverConfig, tag: str = "updated") -> EKFACFactors:
@@ -467,13 +492,14 @@ def _system_solver(config: SolverConfig, hvp: BatchedHVP, dim: int, factors: EKF
 
 
 def pretrain_system(task: TwoStageTask, p: Tensor, config: SolverConfig,
-                    hvp: BatchedHVP | None = None) -> InverseHVP:
+                    hvp: BatchedHVP | None = None, data_parallel: bool = False) -> InverseHVP:
     """(H_P + λI)⁻¹ over (θ, W) with ``config.name`` "ekfac" or "pcg" (EK-FAC-preconditioned CG on
-    the ``config.curvature`` products)."""
+    the ``config.curvature`` products). ``data_parallel``: every rank calls it, ``hvp`` is the
+    data-parallel product, and the factors are fitted shard by shard (all-reduced)."""
     hvp = hvp or pretrain_curvature(task, p, config.curvature)
     shift = torch.full_like(p, task.pretrain_l2)
-    return _system_solver(config, hvp, task.n_pretrain_params, pretrain_factors(task, p, config), shift,
-                          p.dtype, p.device)
+    return _system_solver(config, hvp, task.n_pretrain_params, pretrain_factors(task, p, config, data_parallel),
+                          shift, p.dtype, p.device)
 
 
 def updated_system(task: TwoStageTask, q: Tensor, anchor: Tensor, alpha: float, config: SolverConfig) -> InverseHVP:

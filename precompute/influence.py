@@ -78,7 +78,7 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     hvp = distributed_pretrain_hvp(task, p) if data_parallel else pretrain_curvature(task, p, config.curvature)
     hvp = counted(hvp, on_product)
     if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
-        return pretrain_system(task, p, config, hvp)
+        return pretrain_system(task, p, config, hvp, data_parallel)
     return solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
 
 

@@ -1,7 +1,8 @@
 """Scale-out: two gloo processes on 127.0.0.1 (``ranks.run_on_ranks``) give the single-process results.
 
 One two-rank run checks scores (gathered and memory-mapped), the data-parallel HVP, the exact and
-cg solves on it, and a committed run directory; two more runs check that a failing rank (a caught
+cg solves on it, and a committed run directory; one checks the data-parallel pcg and ekfac solves
+(scores, and EK-FAC factors fitted shard by shard); two more runs check that a failing rank (a caught
 error mid-scoring, and an uncaught one before the commit barrier) propagates and leaves nothing.
 """
 
@@ -176,6 +177,51 @@ def test_two_ranks_match_single_process(trained_task, tmp_path):
     assert zero["committed"] == one["committed"] == tmp_path / "run"
     assert list_runs(tmp_path) == ["run"]
     np.testing.assert_allclose(open_run(tmp_path, "run").scores("updated"), expected["updated"], rtol=1e-6, atol=1e-12)
+
+
+KFAC = ("pcg", "ekfac")
+
+
+def kfac_config(name: str) -> InfluenceConfig:
+    solver = SolverConfig(name, tol=1e-10)
+    return InfluenceConfig(alpha=ALPHA, pretrain_solver=solver, finetune_solver=solver, chunk_size=8)
+
+
+def _fitted(task, trained, n: int, data_parallel: bool) -> list:
+    """Pretraining factors (Λ, then the fallback diagonal) over the first n examples."""
+    from precompute.ekfac import fit_ekfac, pretrain_roots
+
+    factors = fit_ekfac(task.pretrain_outputs, task.pretrain_loss, trained.p, task.pretrain_x[:n],
+                        task.pretrain_y[:n], n, pretrain_roots(task), chunk_size=16, data_parallel=data_parallel)
+    return [*factors.lam, factors.diag]
+
+
+def _two_rank_kfac(rank, world, task, trained):
+    """Scores of pcg and ekfac with the data-parallel solve (the torchrun default), and factors fitted
+    shard by shard (m = 61: shards of 31 and 30 in chunks of 16; n = 1: rank 1's shard is empty)."""
+    out = {name: multi_stage_scores(task, trained, TEST_IDS, kfac_config(name), progress=False,
+                                    distributed_solve=True) for name in KFAC}
+    out["factors"] = {n: _fitted(task, trained, n, True) for n in (task.m, 1)}
+    return out
+
+
+def test_two_ranks_pcg_and_ekfac_match_single_process(trained_task):
+    """Data-parallel pcg is exact (tol 1e-10), so it agrees with one process; ekfac's factors are
+    fitted over each rank's shard and all-reduced, so they are one process's (up to summation
+    order) and its approximate scores agree too."""
+    task, trained = trained_task
+    zero, one = run_on_ranks(_two_rank_kfac, 2, task, trained)
+    for n in (task.m, 1):
+        for got0, got1, want in zip(zero["factors"][n], one["factors"][n], _fitted(task, trained, n, False)):
+            assert torch.equal(got0, got1)                              # broadcast: identical on every rank
+            torch.testing.assert_close(got0, want, rtol=1e-10, atol=1e-14)
+    for name in KFAC:
+        expected, _ = multi_stage_scores(task, trained, TEST_IDS, kfac_config(name), progress=False)
+        scores, diagnostics = zero[name]
+        assert one[name][0] is None
+        for s in ("fixed", "updated"):
+            assert diagnostics[s]["pretrain_solve"]["solver"] == name and diagnostics[s]["world_size"] == 2
+            np.testing.assert_allclose(scores[s], expected[s], rtol=1e-5, atol=1e-6 * np.abs(expected[s]).max())
 
 
 def _fail_mid_scoring(rank, world, task, trained, run_dir):
