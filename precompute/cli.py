@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import PRESET_MODELS, preset_solver, quick_config
+from .presets import PRESET_MODELS, QUICK_MODELS, quick_config
 
 # (run name, preset, {flag dest: value}): the noisy run (for the Data cleaning page) is full-size and
 # validated by retraining on 3 test points (the quick validation sizes), to keep the demo's time down.
@@ -189,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model (defaults per preset: " + "; ".join(
         f"{name} hidden {m.hidden}" + (f", vocabulary {m.vocabulary}" if name == "news" else "")
+        + (f", channels {','.join(map(str, m.channels))} (quick: hidden {QUICK_MODELS[name].hidden}, channels "
+           f"{','.join(map(str, QUICK_MODELS[name].channels))})" if name in QUICK_MODELS else "")
         for name, m in PRESET_MODELS.items()) + ")")
     g.add_argument("--hidden", **option("model.hidden"))
+    g.add_argument("--channels", type=_csv(int), **option("model.channels"))
     g.add_argument("--pretrain-l2", **option("model.pretrain_l2"))
     g.add_argument("--finetune-l2", **option("model.finetune_l2"))
     g.add_argument("--vocabulary", **option("model.vocabulary"))
@@ -235,10 +238,6 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
             continue                               # not given, or not a config flag (preset, out, threads)
         for path in _paths(dest):
             config = _set(config, path, value)
-    solver = config.influence.pretrain_solver          # a preset's own solver when --solver is auto
-    name, damping = preset_solver(preset, solver.name, solver.damping)
-    for path in _paths("solver"):
-        config = _set(_set(config, f"{path}.name", name), f"{path}.damping", damping)
     return config
 
 
@@ -290,6 +289,8 @@ def check_args(args: argparse.Namespace) -> None:
                                  ("--val-points", args.val_points, "8"), ("--k", args.k, "8"),
                                  ("--max-params", args.max_params, "1000000")):
         need(value is None or value >= 1, flag, value, "must be at least 1", example)
+    need(len(args.channels) == 2 and all(c >= 1 for c in args.channels), "--channels", tuple(args.channels),
+         "must be two channel counts of at least 1", "8,16")
     for flag, value in (("--pretrain-l2", args.pretrain_l2), ("--finetune-l2", args.finetune_l2)):
         need(value is None or (finite(value) and value >= 0), flag, value, "must be a finite number >= 0", "1e-2")
     for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps)):

@@ -237,6 +237,7 @@ class ModelConfig:
     """The preset models: embedding = Linear(d_in, hidden) + tanh, heads = Linear(hidden, classes).
 
     hidden:       embedding width.
+    channels:     the fashion CNN's two convolutions' output channels (``models.fashion_cnn``).
     pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.   Both ``DEFAULT_L2`` unless set.
     vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
     max_params:   the CLI refuses, before loading any data, inputs that would give a model of more
@@ -244,6 +245,7 @@ class ModelConfig:
     """
 
     hidden: int = knob(16, "embedding width")
+    channels: tuple[int, ...] = knob((8, 16), "fashion CNN: output channels of its two convolutions, comma-separated")
     pretrain_l2: float = knob(DEFAULT_L2, "λ_P on the pretraining parameters")
     finetune_l2: float = knob(DEFAULT_L2, "λ_F on the finetuning head")
     vocabulary: int = knob(400, "text: tf-idf vocabulary size")

@@ -15,6 +15,8 @@ all-reduce makes identical on every rank, so a solve with the same right-hand si
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Callable
 
 import torch
@@ -46,11 +48,30 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
 
 
 def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.device | str,
-                  block: int = 256) -> Tensor:
-    """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``."""
+                  block: int = 256, key: tuple | None = None) -> Tensor:
+    """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``.
+
+    ``key`` (for example ``hessian_key("pretrain", task, p)``) names the matrix: the last keyed one
+    is kept, so the influence solve and the retraining preconditioner at the same trained point
+    share one build (``dim`` products each otherwise)."""
+    global _LAST_HESSIAN
+    if key is not None and _LAST_HESSIAN[0] == key:
+        return _LAST_HESSIAN[1]
     eye = torch.eye(dim, dtype=dtype, device=device)
     h = torch.cat([hvp(eye[:, i: i + block]) for i in range(0, dim, block)], dim=1)
-    return 0.5 * (h + h.T)
+    h = 0.5 * (h + h.T)
+    if key is not None:
+        _LAST_HESSIAN = (key, h)
+    return h
+
+
+_LAST_HESSIAN: tuple[tuple | None, Tensor | None] = (None, None)
+
+
+def hessian_key(what: str, task, point: Tensor) -> tuple:
+    """Identifies a stage's Hessian: the stage, the task object and the exact bytes of the point."""
+    digest = hashlib.sha1(point.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return (what, id(task), str(point.dtype), digest)
 
 
 def distributed_hvp(objective_per_shard: Callable[[Tensor], Tensor] | None, x: Tensor, l2: float = 0.0,

@@ -35,13 +35,13 @@ from torch.func import jacrev
 from . import progress as progress_report
 from .config import InfluenceConfig, SolverConfig
 from .contract import SCORE_DEFINITION
-from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, pretrain_curvature
+from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, hessian_key, pretrain_curvature
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
 from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS,
                       add_precision_check, directional_derivatives,
                       per_example_gradients, precision_check, score_pretraining, sharded_score_pretraining)
 from .lowrank import solver_for
-from .solvers import BatchedHVP, InverseHVP, SolverError
+from .solvers import BatchedHVP, ExactSolver, InverseHVP, SolverError
 from .ekfac import (KFAC_SOLVERS, auto_solver, finetune_roots, head_config, pretrain_roots, pretrain_system,
                     updated_system)
 from .task import TaskError, TwoStageTask
@@ -79,7 +79,10 @@ def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
     hvp = counted(hvp, on_product)
     if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
         return pretrain_system(task, p, config, hvp, data_parallel)
-    return solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
+    solver = solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
+    if isinstance(solver, ExactSolver) and config.curvature == "hessian" and not data_parallel:
+        solver.hessian_key = hessian_key("pretrain", task, p)      # shared with the retraining check
+    return solver
 
 
 def pretrain_config(task: TwoStageTask, config: SolverConfig) -> SolverConfig:

@@ -6,8 +6,10 @@
             on entertainment vs sports; inputs are tf-idf vectors over a vocabulary fitted on the
             training texts (never on finetune test texts).
     fashion Fashion-MNIST (Debian's dataset-fashion-mnist, or IDX files in --data-dir): pretrain a
-            small CNN (``models.fashion_cnn``) on tops (T-shirt, pullover, dress, coat, shirt),
-            finetune on trouser, sandal, sneaker, bag, ankle boot; inputs are 28x28 grey in [0, 1].
+            small CNN (``models.fashion_cnn``) on T-shirt, coat, shirt, sandal, ankle boot, finetune
+            on trouser, pullover, dress, sneaker, bag; inputs are 28x28 grey in [0, 1]. Each task
+            mixes tops and footwear, so pretrained features transfer (pretraining on tops alone and
+            finetuning on the rest gave 0.69 fixed-embedding accuracy at quick size, 0.76 mixed).
     custom  an image folder, MNIST IDX files or a CSV/JSONL text table per task, or one source
             split by classes.
 All problems with the inputs raise ``DataError`` before any training starts.
@@ -32,8 +34,8 @@ from .streaming import LazyRows
 from .task import TwoStageTask
 
 PRESETS = ("digits", "news", "fashion", "custom")
-FASHION_PRETRAIN = ("T-shirt/top", "Pullover", "Dress", "Coat", "Shirt")
-FASHION_FINETUNE = ("Trouser", "Sandal", "Sneaker", "Bag", "Ankle boot")
+FASHION_PRETRAIN = ("T-shirt/top", "Coat", "Shirt", "Sandal", "Ankle boot")
+FASHION_FINETUNE = ("Trouser", "Pullover", "Dress", "Sneaker", "Bag")
 NEWS_PRETRAIN_TOPICS = ("business", "politics", "tech")
 NEWS_FINETUNE_TOPICS = ("entertainment", "sports")
 # Sizes chosen so that P stays within the exact solver and Newton polish (<= 6,000 parameters),
@@ -42,24 +44,13 @@ PRESET_MODELS = {"digits": ModelConfig(hidden=16),
                  "news": ModelConfig(hidden=6, vocabulary=250),
                  "fashion": ModelConfig(hidden=32),
                  "custom": ModelConfig(hidden=16)}          # L2: config.DEFAULT_L2 (1e-2) on both stages
+# Quick mode's fashion CNN: channels 4, 8 and 8 units (P = 1,989), within the exact solver, the dense
+# Newton polish and the dense retraining preconditioner, so --quick validates in minutes on a CPU.
+QUICK_MODELS = {"fashion": ModelConfig(hidden=8, channels=(4, 8))}
 QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "fashion": (60, 40), "custom": (60, 40)}   # per class: pretrain, finetune
 # Full-mode caps where a preset's source is larger than its time budget (per class: pretrain, finetune):
 # fashion pretrains on m = 5,000 of the 30,000 tops and finetunes on 30 per class (the rest held out).
 FULL_CAPS = {"fashion": (1000, 60)}
-# Influence solver per preset when --solver is auto: (name, damping used when --damping is 0). The fashion
-# CNN (P = 11,813) is past the exact solver; its Hessian is not positive definite everywhere a
-# finite L-BFGS run stops, so a small damping keeps CG's curvature positive.
-PRESET_SOLVERS = {"fashion": ("lanczos-pcg", 1e-3)}
-
-
-def preset_solver(preset: str, name: str, damping: float) -> tuple[str, float]:
-    """(solver name, damping) after the preset's defaults (only when the user left --solver auto)."""
-    if name != "auto" or preset not in PRESET_SOLVERS:
-        return name, damping
-    default_name, default_damping = PRESET_SOLVERS[preset]
-    return default_name, damping or default_damping
-
-
 @dataclass
 class TaskData:
     """Both tasks' examples and their model inputs (float32 arrays, row i = example i; the
@@ -142,11 +133,13 @@ def _split_tasks(config: DataConfig) -> tuple[LabelledExamples, LabelledExamples
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI,
     each preset well under a minute. Per-class caps on both tasks (``QUICK_CAPS``, where no cap is
-    set), 6 scored test points, a 3-point retraining check and 3-fold cleaning."""
+    set), the smaller fashion CNN (``QUICK_MODELS``), 6 scored test points, a 3-point retraining check and 3-fold cleaning."""
     pre, fine = QUICK_CAPS[config.data.preset]
+    quick_model = QUICK_MODELS.get(config.data.preset)
+    model = replace(config.model, hidden=quick_model.hidden, channels=quick_model.channels) if quick_model else config.model
     data = replace(config.data, max_pretrain=config.data.max_pretrain or pre,
                    max_finetune=config.data.max_finetune or fine)
-    return replace(config, quick=True, data=data, n_test_points=6,
+    return replace(config, quick=True, data=data, model=model, n_test_points=6,
                    validation=replace(config.validation, n_test_points=3, k=3, group_percents=(5.0, 10.0)),
                    cleaning=replace(config.cleaning, folds=3, percents=(5.0, 10.0)))
 
@@ -186,7 +179,7 @@ def build_task(data: TaskData, model: ModelConfig, seed: int = 0) -> TwoStageTas
     each task (float32, CPU)."""
     torch.manual_seed(seed)
     d_in = int(np.prod(data.pretrain_inputs.shape[1:]))
-    embedding = fashion_cnn(model.hidden) if data.preset == "fashion" else \
+    embedding = fashion_cnn(model.hidden, tuple(model.channels)) if data.preset == "fashion" else \
         nn.Sequential(nn.Flatten(), nn.Linear(d_in, model.hidden), nn.Tanh())
     pre_head = nn.Linear(model.hidden, len(data.pretrain.class_names))
     fine_head = nn.Linear(model.hidden, len(data.finetune_train.class_names))

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 from . import progress as progress_report
 from .config import ValidationConfig
-from .curvature import batched_hvp, dense_hessian
+from .curvature import batched_hvp, dense_hessian, hessian_key
 from .errors import PrecomputeError
 from .task import TwoStageTask
 from .training import TrainedStages
@@ -85,25 +85,27 @@ class Preconditioner:
         self.vecs, self.inv = vecs, inv          # [D, D] and [D] (shared) or [B, D, D] and [B, D]
 
     @staticmethod
-    def _factor(objective: Callable[[Tensor], Tensor], x: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    def _factor(objective: Callable[[Tensor], Tensor], x: Tensor, what: str,
+                key: tuple | None = None) -> tuple[Tensor, Tensor]:
         dim = x.numel()
         if dim > MAX_DENSE_PARAMS:
             raise RetrainError(
                 f"retraining {what}: {dim} parameters exceed the dense-preconditioner limit of "
                 f"{MAX_DENSE_PARAMS} (a {dim}x{dim} Hessian); validate on a smaller model or skip validation")
-        hessian = dense_hessian(batched_hvp(objective, x), dim, x.dtype, x.device)
+        hessian = dense_hessian(batched_hvp(objective, x), dim, x.dtype, x.device, key=key)
         evals, vecs = torch.linalg.eigh(hessian)
         floor = RELATIVE_DAMPING * max(float(evals.abs().max()), torch.finfo(x.dtype).tiny)
         return vecs, 1.0 / evals.abs().clamp_min(floor)
 
     @classmethod
-    def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, what: str) -> "Preconditioner":
+    def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, what: str,
+           key: tuple | None = None) -> "Preconditioner":
         """Shared M = ∇²objective(x) (x [D]); above MAX_DENSE_PARAMS a low-rank Lanczos M
         (``precompute.lowrank``), and stragglers keep it (no per-model Hessians, see ``solve_stage``)."""
         if x.numel() > MAX_DENSE_PARAMS:
             from .lowrank import LowRankPreconditioner
             return LowRankPreconditioner.at(objective, x)
-        return cls(*cls._factor(objective, x.detach(), what))
+        return cls(*cls._factor(objective, x.detach(), what, key))
 
     @classmethod
     def per_model(cls, objective: BatchedObjective, x: Tensor, data: Tensor, what: str) -> "Preconditioner":
@@ -307,7 +309,9 @@ class Retrainer:
         base_data = {"pretrain": torch.ones(task.m, dtype=task.dtype, device=task.device),
                      "fixed": self.trained.q("fixed")[:nt].detach() if "fixed" in self.scenarios else None,
                      "updated": task.theta_of(trained.p).detach()}
-        self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k)
+        # The pretraining Hessian at p* is the one the exact influence solve built (``hessian_key``).
+        self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k,
+                                             hessian_key("pretrain", task, self.start[k]) if k == "pretrain" else None)
                         for k in ("pretrain", *self.scenarios)}
 
     def run(self, weights: Tensor, tol: float, max_iter: int,

@@ -112,9 +112,10 @@ class ExactSolver(InverseHVP):
         super().__init__(*args, **kw)
         self.block = block
         self._eig: tuple[Tensor, Tensor] | None = None
+        self.hessian_key: tuple | None = None     # ``curvature.hessian_key``: share the build
 
     def hessian(self) -> Tensor:
-        return dense_hessian(self.hvp, self.dim, self.dtype, self.device, self.block)
+        return dense_hessian(self.hvp, self.dim, self.dtype, self.device, self.block, self.hessian_key)
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:

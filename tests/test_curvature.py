@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import hessian, jacrev
 
-from precompute.curvature import dense_hessian, finetune_curvature, output_hessian_sqrt, pretrain_curvature
+from precompute.curvature import batched_hvp, dense_hessian, finetune_curvature, output_hessian_sqrt, pretrain_curvature
 from precompute.fd_check import build_check_task
 
 
@@ -116,3 +116,30 @@ def test_lissa_refuses_up_front_with_the_iterations_it_needs_and_converges_when_
                           "cpu").solve(b)
     torch.testing.assert_close(x, torch.linalg.solve(h, b), rtol=1e-6, atol=0)
     assert diag.relative_residual < 1e-7
+
+
+def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatch):
+    """The exact solve and the retraining preconditioner at p* use one dense Hessian build (keyed by
+    task and point), and that Hessian equals the retraining objective's own, built without the key."""
+    from precompute import curvature, retraining
+    from precompute.config import SolverConfig
+    from precompute.influence import pretrain_solver
+
+    task, trained = tiny
+    monkeypatch.setattr(curvature, "_LAST_HESSIAN", (None, None))
+    solver = pretrain_solver(task, trained.p, SolverConfig("exact"))
+    solver.eigh()
+    products = []
+
+    def counting(objective, x, **kw):
+        hvp = batched_hvp(objective, x, **kw)
+        return lambda v: (products.append((x.numel(), v.shape[1])), hvp(v))[1]
+
+    monkeypatch.setattr(retraining, "batched_hvp", counting)
+    retraining.Retrainer(task, trained)
+    assert not [p for p in products if p[0] == task.n_pretrain_params]         # pretraining: reused
+    assert sum(k for d, k in products if d == task.n_finetune_params) == task.n_finetune_params   # updated: built
+    ones = torch.ones(task.m, dtype=task.dtype)
+    own = dense_hessian(batched_hvp(lambda p: task.pretrain_objective(p, ones), trained.p),
+                        task.n_pretrain_params, task.dtype, "cpu")
+    torch.testing.assert_close(solver.hessian(), own, rtol=1e-9, atol=1e-12)
