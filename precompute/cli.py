@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=("digits", "news", "fashion", "custom", "demo"), default="demo",
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
                         "business/politics/tech, finetune entertainment vs sports; fashion: Fashion-MNIST, "
-                        "a CNN pretrained on tops, finetuned on trousers, shoes and bags (slow on a CPU: see "
-                        "README); custom: your files (--pretrain-data); demo: digits and news into the runs "
+                        "a CNN pretrained on T-shirt/coat/shirt/sandal/boot, finetuned on trouser/pullover/"
+                        "dress/sneaker/bag (slow on a CPU: see README); custom: your files (--pretrain-data); demo: digits and news into the runs "
                         "root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-validate", **option("validate", "skip retraining validation and baselines"))
     g.add_argument("--val-points", **option("validation.n_test_points"))
     g.add_argument("--k", **option("validation.k"))
+    g.add_argument("--retrain-iters", **option("validation.retrain_max_iter"))
     g.add_argument("--group-percents", type=_csv(float), **option("validation.group_percents"))
     g.add_argument("--lds", **option("validation.lds"))
 
@@ -287,6 +288,7 @@ def check_args(args: argparse.Namespace) -> None:
          "lists an id twice; give each id once", ",".join(map(str, dict.fromkeys(args.test_ids))))
     for flag, value, example in (("--hidden", args.hidden, "16"), ("--vocabulary", args.vocabulary, "400"),
                                  ("--val-points", args.val_points, "8"), ("--k", args.k, "8"),
+                                 ("--retrain-iters", args.retrain_iters, "200"),
                                  ("--max-params", args.max_params, "1000000")):
         need(value is None or value >= 1, flag, value, "must be at least 1", example)
     need(len(args.channels) == 2 and all(c >= 1 for c in args.channels), "--channels", tuple(args.channels),

@@ -200,7 +200,8 @@ class ValidationConfig:
     lds_subsets: int = 32
     lds_fraction: float = 0.5
     retrain_tol: float = 1e-8
-    retrain_max_iter: int = 200
+    retrain_max_iter: int = knob(200, "iterations at most per retrained stage (a model still above the tolerance "
+                                      "is flagged as not converged and left out of the fit figures)")
     batch_size: int = 64
     seed: int = 0
 

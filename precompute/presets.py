@@ -139,8 +139,12 @@ def quick_config(config: RunConfig) -> RunConfig:
     model = replace(config.model, hidden=quick_model.hidden, channels=quick_model.channels) if quick_model else config.model
     data = replace(config.data, max_pretrain=config.data.max_pretrain or pre,
                    max_finetune=config.data.max_finetune or fine)
+    # The fashion CNN's stragglers would each build dense Hessians after the 100 shared steps
+    # (``retraining.SHARED_ITERS``): quick mode flags them instead (README, "Is it right?").
+    retrain_iters = 100 if quick_model else config.validation.retrain_max_iter
     return replace(config, quick=True, data=data, model=model, n_test_points=6,
-                   validation=replace(config.validation, n_test_points=3, k=3, group_percents=(5.0, 10.0)),
+                   validation=replace(config.validation, n_test_points=3, k=3, group_percents=(5.0, 10.0),
+                                      retrain_max_iter=retrain_iters),
                    cleaning=replace(config.cleaning, folds=3, percents=(5.0, 10.0)))
 
 
