@@ -37,8 +37,7 @@ class SolverConfig:
               "arnoldi" (rank-``rank`` eigendecomposition reused for every right-hand side),
               "ekfac" (EK-FAC of the Gauss-Newton matrix per Linear/Conv2d layer; approximate, fast),
               "pcg" (CG on ``curvature`` products preconditioned by the damped EK-FAC inverse; exact).
-              "lanczos-pcg" (cg preconditioned by a low-rank Lanczos factorisation, precompute.lowrank;
-              the fashion CNN's solver).
+              "lanczos-pcg" (cg preconditioned by a low-rank Lanczos factorisation, precompute.lowrank).
     damping:  λ added to the Hessian's diagonal. 0 is exact influence; raise it when the solver
               reports a non-positive eigenvalue or does not converge.
     max_iter: iteration cap for cg and lissa.

@@ -49,7 +49,7 @@ PRESET_MODELS = {"digits": ModelConfig(hidden=16),
 QUICK_MODELS = {"fashion": ModelConfig(hidden=8, channels=(4, 8))}
 QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "fashion": (60, 40), "custom": (60, 40)}   # per class: pretrain, finetune
 # Full-mode caps where a preset's source is larger than its time budget (per class: pretrain, finetune):
-# fashion pretrains on m = 5,000 of the 30,000 tops and finetunes on 30 per class (the rest held out).
+# fashion pretrains on m = 5,000 of its 30,000 garments and finetunes on 30 per class (the rest held out).
 FULL_CAPS = {"fashion": (1000, 60)}
 @dataclass
 class TaskData:

@@ -38,3 +38,27 @@ def test_newton_polish_steps_off_a_saddle_to_a_minimum():
 def test_newton_polish_at_a_saddle_with_no_steps_does_not_claim_a_minimum():
     x, at_minimum = newton_polish(_saddle_objective, torch.zeros(2, dtype=torch.float64), steps=0, grad_tol=1e-12)
     assert not at_minimum and torch.equal(x, torch.zeros(2, dtype=torch.float64))
+
+
+def test_newton_polish_reuses_a_dense_hessian_near_a_minimum(monkeypatch):
+    """Near a minimum a factorisation serves several chord steps (each still cutting ‖∇‖ fourfold), so
+    the polish reaches the tolerance with fewer dense Hessians (P products each) than steps."""
+    from precompute import training
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 12, dtype=torch.float64, generator=gen)
+    b = torch.randn(40, dtype=torch.float64, generator=gen)
+
+    def objective(x):                       # smooth, strictly convex, not quadratic
+        return torch.log(torch.cosh(a @ x - b)).mean() + 0.05 * (x ** 2).sum()
+
+    rough = torch.zeros(12, dtype=torch.float64)
+    for _ in range(5):                      # a few gradient steps: near, not at, the minimum
+        rough = rough - 0.5 * torch.func.grad(objective)(rough)
+    assert 1e-6 < float(torch.func.grad(objective)(rough).norm()) < 1e-1
+    builds = []
+    real = training.dense_hessian
+    monkeypatch.setattr(training, "dense_hessian", lambda *args, **kw: (builds.append(1), real(*args, **kw))[1])
+    x, at_minimum = newton_polish(objective, rough, steps=10, grad_tol=1e-9)
+    assert at_minimum and float(torch.func.grad(objective)(x).norm()) <= 1e-9
+    assert len(builds) == 1
