@@ -38,16 +38,8 @@ from precompute.presets import PRESET_MODELS, build_task, load_task_data  # noqa
 from precompute.training import train_stages  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("digits", "news", "fashion"), default="digits")
-    parser.add_argument("--per-class", type=int, default=60, help="pretraining examples per class (quick: 60; 0: the full preset)")
-    parser.add_argument("--k", type=int, default=3, help="deletions per kind (helpful, harmful, random)")
-    parser.add_argument("--tests", default="0,1", help="finetune test ids, comma-separated")
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
+def delete_and_rerun(args: argparse.Namespace) -> dict:
+    """The check for the parsed command line (see the module docstring); returns the printed object."""
     start = time.perf_counter()
     model = PRESET_MODELS[args.preset]
     data = load_task_data(DataConfig(preset=args.preset, max_pretrain=args.per_class,
@@ -94,7 +86,24 @@ def main() -> None:
         out[s] = {"pearson": pearson(pred.ravel(), act.ravel()), "spearman": spearman(pred.ravel(), act.ravel()),
                   "per_test_point_pearson": [pearson(pred[:, j], act[:, j]) for j in range(len(test_ids))]}
     out["seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(out, indent=1))
+    return out
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("digits", "news", "fashion"), default="digits")
+    parser.add_argument("--per-class", type=int, default=60,
+                        help="pretraining examples per class (quick: 60; 0: the full preset)")
+    parser.add_argument("--k", type=int, default=3, help="deletions per kind (helpful, harmful, random)")
+    parser.add_argument("--tests", default="0,1", help="finetune test ids, comma-separated")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    print(json.dumps(delete_and_rerun(parse()), indent=1))
 
 
 if __name__ == "__main__":
