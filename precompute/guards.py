@@ -99,15 +99,22 @@ def check_resources(config: RunConfig) -> None:
     from .retraining import MAX_DENSE_PARAMS
 
     found = input_features(config)
+    if config.data.preset == "fashion":           # the CNN's size follows --channels / --hidden
+        from .models import fashion_cnn_params
+
+        model = config.model
+        found = (0, f"--channels {','.join(map(str, model.channels))} --hidden {model.hidden}")
     if found:
         d_in, where = found
-        p = stage_params(config, d_in)
+        p = fashion_cnn_params(model.hidden, tuple(model.channels)) if config.data.preset == "fashion" \
+            else stage_params(config, d_in)
         limit = config.model.max_params
         if p > limit:
             raise ResourceLimitError(
-                f"{where} give a model of about {p:,} parameters (limit {limit:,}; --hidden "
-                f"{config.model.hidden}): resize the images or lower --vocabulary / --hidden, or pass "
-                f"--max-params {p} to lift the limit")
+                f"{where} give a model of about {p:,} parameters (limit {limit:,}"
+                + (f"): lower --channels / --hidden" if config.data.preset == "fashion" else
+                   f"; --hidden {config.model.hidden}): resize the images or lower --vocabulary / --hidden")
+                + f", or pass --max-params {p} to lift the limit")
         solvers = {config.influence.pretrain_solver.name, config.influence.finetune_solver.name}
         if "exact" in solvers and p > EXACT_MAX_PARAMS:
             gb = p * p * 8 / 1e9
@@ -120,7 +127,7 @@ def check_resources(config: RunConfig) -> None:
                 f"--chunk-size {config.influence.chunk_size} holds {chunk_bytes / 1e9:,.1f} GB of per-example "
                 f"gradients for a model of about {p:,} parameters; use --chunk-size "
                 f"{max(1, MAX_CHUNK_BYTES // (p * 8))} or less")
-        if config.validate and p > MAX_DENSE_PARAMS:
+        if config.validate and p > MAX_DENSE_PARAMS and config.data.preset != "fashion":   # CNN: low-rank path
             raise ResourceLimitError(
                 f"validation by retraining handles at most {MAX_DENSE_PARAMS:,} parameters per stage and "
                 f"this model has about {p:,} ({where}, --hidden {config.model.hidden}); pass --no-validate, "

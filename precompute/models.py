@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["distinct_units", "embedding_units", "fashion_cnn"]
+__all__ = ["distinct_units", "embedding_units", "fashion_cnn", "fashion_cnn_params"]
 
 
 def fashion_cnn(hidden: int = 32, channels: tuple[int, int] = (8, 16), image_size: int = 28) -> nn.Sequential:
@@ -25,6 +25,14 @@ def fashion_cnn(hidden: int = 32, channels: tuple[int, int] = (8, 16), image_siz
     side = ((image_size - 5) // 2 + 1 - 5) // 2 + 1
     return nn.Sequential(nn.Conv2d(1, c1, 5, stride=2), nn.Tanh(), nn.Conv2d(c1, c2, 5, stride=2), nn.Tanh(),
                          nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.Tanh())
+
+
+def fashion_cnn_params(hidden: int, channels: tuple[int, int], classes: int = 5, image_size: int = 28) -> int:
+    """Parameters of ``fashion_cnn`` plus a ``classes``-way linear head, without building it (the
+    resource guard checks it before any memory is spent)."""
+    c1, c2 = channels
+    side = ((image_size - 5) // 2 + 1 - 5) // 2 + 1
+    return 26 * c1 + (25 * c1 + 1) * c2 + (c2 * side * side + 1) * hidden + (hidden + 1) * classes
 
 
 def distinct_units(features: Tensor | np.ndarray, corr: float = 0.99, min_std: float = 1e-3) -> dict:

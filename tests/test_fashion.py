@@ -57,6 +57,23 @@ def test_corrupt_labels_file_is_one_line(tmp_path):
 
 # ---- model ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("hidden,channels", [(32, (8, 16)), (8, (4, 8)), (3, (2, 5))])
+def test_cnn_parameter_formula_matches_the_module(hidden, channels):
+    from precompute.models import fashion_cnn_params
+
+    built = sum(p.numel() for p in fashion_cnn(hidden, channels).parameters()) + (hidden + 1) * 5
+    assert fashion_cnn_params(hidden, channels) == built
+
+
+def test_oversized_cnn_is_refused_before_any_data_is_read(tmp_path, capsys):
+    """--channels sets the CNN's size: the parameter guard sees it (one line, nothing written)."""
+    code = main(["--preset", "fashion", "--channels", "1000,1000", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert "25,539,197 parameters" in err and "--channels" in err and "--max-params" in err
+
+
 def test_cnn_size_and_distinct_units():
     emb = fashion_cnn()
     n_theta = sum(p.numel() for p in emb.parameters())
