@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from explorer.render import format_fraction, format_number
@@ -54,6 +55,15 @@ def validation_table(validation: Mapping) -> pd.DataFrame:
     return df.fillna("")
 
 
+def _signed(value) -> str:
+    """+0.123 / -0.123; a null mean (no retraining of that kind converged) reads "n/a (not converged)"."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a (not converged)"
+    return f"{v:+.3f}" if np.isfinite(v) else "n/a (not converged)"
+
+
 def group_table(group: Mapping) -> pd.DataFrame:
     """Group removal: one row per (scenario, percent) with the mean test-loss change per kind."""
     out = []
@@ -64,7 +74,7 @@ def group_table(group: Mapping) -> pd.DataFrame:
             row = {"scenario": scenario, "removed": f"top {tag}%"}
             for kind in ("helpful", "harmful", "random"):
                 if f"{kind}_{tag}" in g:
-                    row[f"{kind}: loss change"] = f"{float(g[f'{kind}_{tag}']):+.3f}"
+                    row[f"{kind}: loss change"] = _signed(g[f"{kind}_{tag}"])
             if f"fraction_helpful{tag}_raises_loss" in g:
                 row["helpful removal raised the loss"] = format_fraction(g[f"fraction_helpful{tag}_raises_loss"])
             if f"fraction_harmful{tag}_lowers_loss" in g:
