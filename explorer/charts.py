@@ -119,6 +119,13 @@ def score_histogram(
 # validation page
 
 
+def _symbols(part: pd.DataFrame, symbol: str) -> str | list[str]:
+    """The kind's marker, hollow ("-open") for a retraining that did not converge (not in the figures)."""
+    if "converged" not in part or bool(part["converged"].astype(bool).all()):
+        return symbol
+    return [symbol if bool(c) else f"{symbol}-open" for c in part["converged"]]
+
+
 def validation_scatter(
     pairs: pd.DataFrame,
     *,
@@ -126,7 +133,8 @@ def validation_scatter(
     stats: Mapping | None = None,
     highlight: int | None = None,
 ) -> go.Figure:
-    """Predicted (x) against actual (y) loss change, one trace per kind, with the y = x line.
+    """Predicted (x) against actual (y) loss change, one trace per kind, with the y = x line; rows
+    with ``converged`` False are drawn hollow.
 
     Every point carries customdata [pretrain_id, test_id], so a selection maps back to examples.
     ``highlight``: a pretraining id to ring (an extra trace with meta kind "selected").
@@ -147,7 +155,7 @@ def validation_scatter(
         traces.append(dict(
             type="scatter", x=part["predicted"].astype(float).tolist(), y=part["actual"].astype(float).tolist(),
             mode="markers", name=KIND_LABELS.get(kind, kind), legendgroup=kind,
-            marker=dict(color=KIND_COLORS.get(kind, RANDOM), size=9, symbol=symbols.get(kind, "circle"),
+            marker=dict(color=KIND_COLORS.get(kind, RANDOM), size=9, symbol=_symbols(part, symbols.get(kind, "circle")),
                         line=dict(width=0.5, color="white"), opacity=0.85),
             customdata=np.stack([part["pretrain_id"].astype(int), part["test_id"].astype(int)], axis=1).tolist()
             if len(part) else [],

@@ -98,14 +98,19 @@ def _scatter(test_id: int, evidence) -> None:
     """The test point's own predicted-vs-retrained scatter, its widget twin and the picked example."""
     ui.section_header("Checked by retraining", "neutral",
                       "Each dot: one example actually removed, both stages retrained; dashed line = "
-                      "perfect prediction. Blue helpful, orange harmful, grey random.")
-    stats = charts.fit_stats(evidence["predicted"], evidence["actual"])
+                      "perfect prediction. Blue helpful, orange harmful, grey random; hollow: the "
+                      "retraining did not converge and is not counted.")
+    # the same pairs as the manifest's figures: a retraining that missed the tolerance is not counted
+    counted = evidence[evidence["converged"].astype(bool)] if "converged" in evidence else evidence
+    stats = charts.fit_stats(counted["predicted"], counted["actual"])
+    left_out = len(evidence) - len(counted)
     options = list(dict.fromkeys(int(p) for p in evidence.sort_values("predicted", ascending=False)["pretrain_id"]))
     if st.session_state.get(PICK) not in options:
         st.session_state[PICK] = options[0]
     chart_key = f"tp_scatter_{scenario}_{test_id}"
     fig = charts.validation_scatter(evidence.assign(test_id=test_id), highlight=st.session_state[PICK],
-                                    title=f"Pearson {charts.fmt_stat(stats['pearson'])} · {stats['n_pairs']} removals")
+                                    title=f"Pearson {charts.fmt_stat(stats['pearson'])} · {stats['n_pairs']} removals"
+                                    + (f" (+{left_out} hollow)" if left_out else ""))
     fig.update_layout(height=360, showlegend=False, margin=dict(t=40, b=10), title_font_size=14)
     st.plotly_chart(fig, key=chart_key, on_select=functools.partial(_pick_from_chart, chart_key),
                     selection_mode="points", config={"displayModeBar": False})
