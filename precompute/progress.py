@@ -188,14 +188,18 @@ class Bar:
         if self._tqdm is not None:
             self._tqdm.set_postfix_str(text, refresh=False)
 
-    def close(self) -> None:
+    def close(self, summary: str = "") -> None:
+        """Ends the bar; ``summary`` (e.g. the final gradient norm) joins the count on the "done" line."""
         if self._tqdm is not None:
+            if summary:
+                self._tqdm.set_postfix_str(summary, refresh=True)
             self._tqdm.close()
             self._tqdm = None
         elif self.mode == "plain" and self.item in _REPORTER.stack:
             done = f"{self.item.desc}: done in {format_seconds(time.perf_counter() - self.item.start)}"
-            if self.item.n:
-                done += f" ({self.item.n:.0f} {self.item.unit})"
+            details = ([f"{self.item.n:.0f} {self.item.unit}"] if self.item.n else []) + ([summary] if summary else [])
+            if details:
+                done += f" ({', '.join(details)})"
             _REPORTER.emit(done)
             _REPORTER.pop(self.item)
         self.mode = "off"

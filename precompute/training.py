@@ -78,8 +78,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol)
         if at_minimum or iterations >= config.max_iter or rounds >= config.rounds:
             break
-    bar.close()
     gnorm = _grad_norm(objective, x)
+    bar.close(f"‖∇‖ {gnorm:.1e}, target {config.grad_tol:.0e}")
     return TrainResult(x, float(objective(x)), gnorm, iterations, gnorm <= config.grad_tol)
 
 
