@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import numpy as np
 import pandas as pd
 
-from explorer.render import format_fraction, format_number
+from explorer.render import finite, format_fraction, format_number
 
 VALIDATION_COLUMNS = {
     "pearson": "Pearson",
@@ -57,11 +56,8 @@ def validation_table(validation: Mapping) -> pd.DataFrame:
 
 def _signed(value) -> str:
     """+0.123 / -0.123; a null mean (no retraining of that kind converged) reads "n/a (not converged)"."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a (not converged)"
-    return f"{v:+.3f}" if np.isfinite(v) else "n/a (not converged)"
+    v = finite(value)
+    return "n/a (not converged)" if v is None else f"{v:+.3f}"
 
 
 def group_table(group: Mapping) -> pd.DataFrame:

@@ -125,13 +125,19 @@ def format_score(score: float) -> str:
     return SCORE_FORMAT % s
 
 
-def format_fraction(value) -> str:
-    """0.947 -> '94.7%'; n/a when missing."""
+def finite(value) -> float | None:
+    """``value`` as a finite float, or None (missing, null, not a number, inf/nan)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.1%}" if np.isfinite(v) else "n/a"
+        return None
+    return v if np.isfinite(v) else None
+
+
+def format_fraction(value) -> str:
+    """0.947 -> '94.7%'; n/a when missing."""
+    v = finite(value)
+    return "n/a" if v is None else f"{v:.1%}"
 
 
 def format_number(value, digits: int = 3) -> str:

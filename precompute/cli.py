@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
                         "business/politics/tech, finetune entertainment vs sports; fashion: Fashion-MNIST, "
                         "a CNN pretrained on T-shirt/coat/shirt/sandal/boot, finetuned on trouser/pullover/"
-                        "dress/sneaker/bag (slow on a CPU: see README); custom: your files (--pretrain-data); demo: digits and news into the runs "
-                        "root (default)")
+                        "dress/sneaker/bag (slow on a CPU: see README); custom: your files (--pretrain-data); "
+                        "demo: digits and news into the runs root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
     g.add_argument("--overwrite", **option("overwrite"))

@@ -52,20 +52,31 @@ def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.d
     """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``.
 
     ``key`` (for example ``hessian_key("pretrain", task, p)``) names the matrix: the last keyed one
-    is kept, so the influence solve and the retraining preconditioner at the same trained point
-    share one build (``dim`` products each otherwise)."""
+    of at most ``SHARED_HESSIAN_MAX_DIM`` rows is kept until ``release_hessian(key)``, so the
+    influence solve and the retraining preconditioner at the same trained point share one build
+    (``dim`` products each otherwise)."""
     global _LAST_HESSIAN
     if key is not None and _LAST_HESSIAN[0] == key:
         return _LAST_HESSIAN[1]
     eye = torch.eye(dim, dtype=dtype, device=device)
     h = torch.cat([hvp(eye[:, i: i + block]) for i in range(0, dim, block)], dim=1)
     h = 0.5 * (h + h.T)
-    if key is not None:
+    if key is not None and dim <= SHARED_HESSIAN_MAX_DIM:
         _LAST_HESSIAN = (key, h)
     return h
 
 
+SHARED_HESSIAN_MAX_DIM = 5000
+"""Largest Hessian kept for sharing (200 MB in float64); also the retraining's dense limit
+(``retraining.MAX_DENSE_PARAMS``), above which retraining builds no dense Hessian to share it with."""
 _LAST_HESSIAN: tuple[tuple | None, Tensor | None] = (None, None)
+
+
+def release_hessian(key: tuple) -> None:
+    """Drops the kept Hessian if it is ``key``'s (its last user is done with it)."""
+    global _LAST_HESSIAN
+    if _LAST_HESSIAN[0] == key:
+        _LAST_HESSIAN = (None, None)
 
 
 def hessian_key(what: str, task, point: Tensor) -> tuple:

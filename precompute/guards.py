@@ -94,20 +94,26 @@ def stage_params(config: RunConfig, d_in: int) -> int:
     return d_in * h + h + (h + 1) * max(classes)
 
 
+def model_size(config: RunConfig) -> tuple[int, str] | None:
+    """(parameters of the larger stage, what sets them), or None when unknown before loading. The
+    fashion CNN's size follows --channels / --hidden (``models.fashion_cnn_params``)."""
+    if config.data.preset == "fashion":
+        from .models import fashion_cnn_params
+
+        model = config.model
+        return (fashion_cnn_params(model.hidden, tuple(model.channels)),
+                f"--channels {','.join(map(str, model.channels))} --hidden {model.hidden}")
+    found = input_features(config)
+    return (stage_params(config, found[0]), found[1]) if found else None
+
+
 def check_resources(config: RunConfig) -> None:
     """Raise ResourceLimitError if the run would exceed a limit (see the module docstring)."""
     from .retraining import MAX_DENSE_PARAMS
 
-    found = input_features(config)
-    if config.data.preset == "fashion":           # the CNN's size follows --channels / --hidden
-        from .models import fashion_cnn_params
-
-        model = config.model
-        found = (0, f"--channels {','.join(map(str, model.channels))} --hidden {model.hidden}")
+    found = model_size(config)
     if found:
-        d_in, where = found
-        p = fashion_cnn_params(model.hidden, tuple(model.channels)) if config.data.preset == "fashion" \
-            else stage_params(config, d_in)
+        p, where = found
         limit = config.model.max_params
         if p > limit:
             raise ResourceLimitError(

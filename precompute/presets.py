@@ -8,8 +8,9 @@
     fashion Fashion-MNIST (Debian's dataset-fashion-mnist, or IDX files in --data-dir): pretrain a
             small CNN (``models.fashion_cnn``) on T-shirt, coat, shirt, sandal, ankle boot, finetune
             on trouser, pullover, dress, sneaker, bag; inputs are 28x28 grey in [0, 1]. Each task
-            mixes tops and footwear, so pretrained features transfer (pretraining on tops alone and
-            finetuning on the rest gave 0.69 fixed-embedding accuracy at quick size, 0.76 mixed).
+            mixes tops and footwear, so pretrained features transfer (at quick size, fixed-embedding
+            accuracy 0.69 pretraining on tops alone with the 11,813-parameter CNN; mixed: 0.76 with
+            a 4,489-parameter CNN, 0.74 with the quick one).
     custom  an image folder, MNIST IDX files or a CSV/JSONL text table per task, or one source
             split by classes.
 All problems with the inputs raise ``DataError`` before any training starts.

@@ -138,6 +138,7 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     monkeypatch.setattr(retraining, "batched_hvp", counting)
     retraining.Retrainer(task, trained)
     assert not [p for p in products if p[0] == task.n_pretrain_params]         # pretraining: reused
+    assert curvature._LAST_HESSIAN == (None, None)                            # then released
     assert sum(k for d, k in products if d == task.n_finetune_params) == task.n_finetune_params   # updated: built
     ones = torch.ones(task.m, dtype=task.dtype)
     own = dense_hessian(batched_hvp(lambda p: task.pretrain_objective(p, ones), trained.p),
