@@ -52,8 +52,8 @@ def _sidebar(root: Path, runs: list[str]):
         asked = st.session_state.get(SEL_RUN)
         if asked is not None and state.link_value("run") == asked:
             state.notice(f"Run {state.literal(asked)} was not found in {state.literal(root)}; showing "
-                         f"{state.literal(runs[0])}.")
-        st.session_state[SEL_RUN] = runs[0]
+                         f"{state.literal(state.default_run(runs))}.")
+        st.session_state[SEL_RUN] = state.default_run(runs)
     with st.sidebar:
         state.bind("w_run", SEL_RUN)
         st.selectbox("Run", runs, key="w_run", on_change=state.on_run_change,

@@ -28,9 +28,17 @@ DEMO_COMMAND = "python -m precompute --preset demo"
 # The safe way to start the app (binds 127.0.0.1, usage statistics off): every hint shows it.
 EXPLORER_COMMAND = "python -m explorer --runs runs"
 
+# The explorer opens on the first of these that exists: the demo's lead run (precompute.cli.demo_runs).
+LEAD_RUNS = ("fashion", "digits")
+
 SEL_RUN, SEL_SCENARIO, SEL_TEST, SEL_PRETRAIN = "sel_run", "sel_scenario", "sel_test", "sel_pretrain"
 _QP_KEYS = {"run": SEL_RUN, "scenario": SEL_SCENARIO, "test": SEL_TEST, "pretrain": SEL_PRETRAIN}
 _CTX = "_ctx"
+
+
+def default_run(runs: list[str]) -> str:
+    """The run shown when none is chosen: a lead run (``LEAD_RUNS``) if present, else the first name."""
+    return next((name for name in LEAD_RUNS if name in runs), runs[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +232,8 @@ def set_context(ctx: Ctx | None) -> None:
 
 
 __all__ = [
-    "ASSETS", "Ctx", "DEMO_COMMAND", "EXPLORER_COMMAND", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
-    "SEL_TEST", "bind", "context", "copy_to_selection", "ensure_valid", "get_run", "init_from_query_params",
+    "ASSETS", "Ctx", "DEMO_COMMAND", "EXPLORER_COMMAND", "LEAD_RUNS", "RUNS_ENV", "RunStoreError", "SEL_PRETRAIN", "SEL_RUN", "SEL_SCENARIO",
+    "SEL_TEST", "bind", "context", "copy_to_selection", "default_run", "ensure_valid", "get_run", "init_from_query_params",
     "list_runs", "literal", "on_run_change", "parse_int", "resolve_runs_root", "run_from_key", "select", "set_context",
     "sync_query_params",
 ]

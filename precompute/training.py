@@ -75,7 +75,7 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
         if not config.newton_polish:
             break
-        x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol)
+        x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note)
         if at_minimum or iterations >= config.max_iter or rounds >= config.rounds:
             break
     gnorm = _grad_norm(objective, x)
@@ -118,7 +118,7 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
 
 
 def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
-                  chord_steps: int = 20) -> tuple[Tensor, bool]:
+                  chord_steps: int = 20, on_note: Callable[[str], object] | None = None) -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
     Near a minimum this is plain Newton and converges quadratically. Where the gradient has
@@ -127,12 +127,22 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     A dense Hessian costs P Hessian-vector products, so each factorisation is reused (chord steps,
     at most ``chord_steps``) while every step still cuts ‖∇‖ at least fourfold; ``steps`` bounds the
     factorisations. Returns (x, reached a minimum: ‖∇‖ ≤ grad_tol with a positive definite Hessian,
-    factorised during this polish within the last ``chord_steps`` steps).
+    factorised during this polish within the last ``chord_steps`` steps). ``on_note`` receives a
+    progress line while each Hessian is built (P products: minutes on a CNN).
     """
     value = float(objective(x))
-    for _ in range(steps):
+    dim = x.numel()
+    for step in range(steps):
         g = _gradient(objective, x)
-        hessian = dense_hessian(batched_hvp(objective, x, rhs_block=256), x.numel(), x.dtype, x.device)
+        hvp, done = batched_hvp(objective, x, rhs_block=256), [0]
+
+        def counted(v: Tensor, step=step, gnorm=float(g.norm())) -> Tensor:
+            if on_note is not None:
+                on_note(f"Newton polish {step + 1}: Hessian column {done[0]}/{dim} at ‖∇‖ {gnorm:.1e}")
+            done[0] += v.shape[1]
+            return hvp(v)
+
+        hessian = dense_hessian(counted, dim, x.dtype, x.device)
         evals, evecs = torch.linalg.eigh(hessian)
         del hessian
         floor = 1e-10 * float(evals.abs().max())
@@ -161,7 +171,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
 
 
 def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
-                     cg_iters: int = 100) -> tuple[Tensor, bool]:
+                     cg_iters: int = 100, on_note: Callable[[str], object] | None = None) -> tuple[Tensor, bool]:
     """Hessian-free Newton steps for models too large for a dense Hessian (``newton_max_params``).
 
     Each step solves H d = ∇ by conjugate gradients on Hessian-vector products (at most ``cg_iters``,
@@ -172,9 +182,11 @@ def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: floa
     last solve).
     """
     value = float(objective(x))
-    for _ in range(steps):
+    for step in range(steps):
         g = _gradient(objective, x)
         gnorm = float(g.norm())
+        if on_note is not None:
+            on_note(f"Newton-CG polish step {step + 1}/{steps} at ‖∇‖ {gnorm:.1e}")
         hvp = batched_hvp(objective, x)
         direction, positive = _steihaug(hvp, g, cg_iters, min(0.1, gnorm ** 0.5))
         if gnorm <= grad_tol:

@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from precompute.cli import DEMO_RUNS, _default_text, _get, _paths, build_parser, config_from_args
+from precompute.cli import DEMO_FALLBACK, DEMO_LEAD, _default_text, demo_runs, _get, _paths, build_parser, config_from_args
 from precompute.config import DEFAULT_L2, DataConfig, ModelConfig, RunConfig, SolverConfig
 from precompute.presets import PRESET_MODELS, quick_config
 from precompute.task import TwoStageTask
@@ -52,7 +52,7 @@ def test_quick_is_one_transform_and_explicit_flags_win():
 
 def test_demo_overrides_name_real_flags():
     dests = {a.dest for a in config_actions()}
-    for _, preset, extra in DEMO_RUNS:
+    for _, preset, extra in (DEMO_LEAD, DEMO_FALLBACK) + demo_runs()[1:]:
         assert set(extra) <= dests
         config = config_from_args(argparse.Namespace(**{**vars(build_parser().parse_args([])), **extra}), preset, "r")
         assert config.quick == bool(extra.get("quick"))
@@ -74,5 +74,34 @@ def test_one_l2_default():
 def test_demo_out_is_the_runs_root_not_a_run():
     """`--preset demo --out ROOT` writes ROOT/<name> for every demo run (a bug once sent them all to ROOT)."""
     args = build_parser().parse_args(["--preset", "demo", "--out", "somewhere"])
-    for name, preset, _ in DEMO_RUNS:
+    for name, preset, _ in demo_runs():
         assert config_from_args(args, preset, f"somewhere/{name}").out == f"somewhere/{name}"
+
+
+def test_demo_leads_with_fashion_only_where_its_files_are(tmp_path):
+    """The lead run follows the data: Debian's files or --data-dir, else digits (the one-line note)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert demo_runs(str(empty))[0] == DEMO_FALLBACK
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert demo_runs(str(tmp_path))[0] == DEMO_LEAD
+    assert [name for name, _, _ in demo_runs(str(empty))[1:]] == [name for name, _, _ in demo_runs(str(tmp_path))[1:]]
+    lead = config_from_args(argparse.Namespace(**{**vars(build_parser().parse_args([])), **DEMO_LEAD[2]}), "fashion", "r")
+    assert lead.quick and lead.data.preset == "fashion"
+
+
+def test_demo_without_fashion_says_so_in_one_line(tmp_path, capsys):
+    """Runs already present are kept, so this exercises only the demo's choice of runs and its note."""
+    from precompute.cli import main
+
+    empty = tmp_path / "no-fashion"
+    empty.mkdir()
+    for name, _, _ in demo_runs(str(empty)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "manifest.json").write_text("{}")
+    assert main(["--preset", "demo", "--data-dir", str(empty), "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: Fashion-MNIST")]
+    assert len(notes) == 1 and "apt-get install -y dataset-fashion-mnist" in notes[0] and "--data-dir" in notes[0]
+    assert out.count("exists: kept") == 3 and "/digits exists" in out

@@ -424,3 +424,17 @@ def test_buttons_that_switch_pages(monkeypatch, explorer_runs):
     assert_clean(at)
     assert at.selectbox(key="w_test").value == best
     assert PAGE_MARKERS["test_point"] in texts(at)
+
+
+def test_opens_on_the_demo_lead_run(monkeypatch, explorer_runs, tmp_path):
+    """With no run in the URL the app shows the demo's lead ('fashion', else 'digits'), not the first name."""
+    import shutil
+
+    root, names = explorer_runs
+    for name in ("apparel", "fashion"):
+        shutil.copytree(root / names["image"], tmp_path / name)
+    at = make_app(monkeypatch, tmp_path, page=None)
+    assert not at.exception and at.selectbox(key="w_run").value == "fashion"
+    shutil.rmtree(tmp_path / "fashion")
+    at = make_app(monkeypatch, tmp_path, page=None)
+    assert not at.exception and at.selectbox(key="w_run").value == "apparel"

@@ -62,3 +62,18 @@ def test_newton_polish_reuses_a_dense_hessian_near_a_minimum(monkeypatch):
     x, at_minimum = newton_polish(objective, rough, steps=10, grad_tol=1e-9)
     assert at_minimum and float(torch.func.grad(objective)(x).norm()) <= 1e-9
     assert len(builds) == 1
+
+
+def test_newton_polish_reports_each_hessian_build():
+    """A dense Hessian costs P products (minutes on a CNN): the polish says which column it is at."""
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def objective(x):
+        return ((x - target) ** 2).sum() + 0.1 * (x ** 4).sum()
+
+    notes: list[str] = []
+    x, at_minimum = newton_polish(objective, torch.zeros(3, dtype=torch.float64), steps=30, grad_tol=1e-12,
+                                  on_note=notes.append)
+    assert at_minimum and notes
+    assert notes[0].startswith("Newton polish 1: Hessian column 0/3 at ‖∇‖ ")
+    assert all("/3 at ‖∇‖" in note for note in notes)
