@@ -97,6 +97,14 @@ def test_point_evidence(pairs: pd.DataFrame | None, test_id: int) -> pd.DataFram
     return p[[c for c in cols if c in p]].reset_index(drop=True)
 
 
+def converged_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The leave-one-out rows whose retraining reached the tolerance: the ones every figure counts
+    (the manifest's too); the others are drawn hollow and not counted."""
+    if "converged" not in pairs:
+        return pairs
+    return pairs[pairs["converged"].astype(bool)]
+
+
 def retrained_marks(ranking: pd.DataFrame, evidence: pd.DataFrame) -> dict[int, float]:
     """{pretrain_id: actual loss change} for the shown examples that were actually removed and retrained."""
     if evidence.empty or ranking.empty:
@@ -122,6 +130,6 @@ def cleaning_command(manifest: Mapping, run_name: str) -> str:
     return f"python -m precompute --preset {preset} --label-noise 0.1 --out runs/{preset}-noisy"
 
 
-__all__ = ["FLIPPED_EXPLAINED", "FLIPPED_WORD", "SCENARIO_PLAIN", "accuracy_sentence", "cleaning_command",
+__all__ = ["FLIPPED_EXPLAINED", "FLIPPED_WORD", "SCENARIO_PLAIN", "accuracy_sentence", "cleaning_command", "converged_pairs",
            "examples_per_class", "headline", "most_influential", "noisy_sibling", "retrained_marks",
            "test_point_evidence", "traced_mistake"]

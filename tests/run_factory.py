@@ -121,12 +121,16 @@ def write_synthetic_run(
     k_pairs: int = 8,
     overwrite: bool = False,
     cleaning: bool = False,
+    unconverged: int = 0,
 ) -> Path:
     """Write a contract-valid run ``root/name`` and return its path.
 
     cleaning: also write the full cleaning output of ``precompute.cleaning.run_cleaning`` (every
     signal + suggested_label in cleaning/signals.parquet, cleaning/retrain.parquet, the manifest's
     mislabel_detection computed from those signals, and manifest["cleaning"]); synthetic values.
+    unconverged: the first this many leave-one-out pairs of each validated test point are retrainings
+    that missed the tolerance (converged False, an actual change far off the line); the manifest's
+    figures leave them out, as the pipeline's do.
     """
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
@@ -237,6 +241,7 @@ def write_synthetic_run(
                 "random": rng.choice(np.setdiff1d(np.arange(m), np.r_[order[:k_pairs], order[-k_pairs:]]),
                                      size=min(k_pairs, max(0, m - 2 * k_pairs)), replace=False),
             }
+            start = len(pairs_rows)
             for kind, ids in chosen.items():
                 for pid in ids:
                     pred = float(row[pid])
@@ -245,6 +250,8 @@ def write_synthetic_run(
                         "predicted": pred, "actual": 1.8 * pred + float(rng.normal(0, 1.2e-3)),
                         "grad_norm": float(rng.uniform(1e-8, 1e-6)), "converged": True,
                     })
+            for r in pairs_rows[start: start + unconverged]:
+                r.update(actual=-5.0 * r["predicted"] + 0.5, grad_norm=0.3, converged=False)
             for kind in ("helpful", "harmful", "random"):
                 for pct in (1.0, 2.0, 5.0, 10.0):
                     n_rm = max(1, int(round(m * pct / 100)))
@@ -257,7 +264,7 @@ def write_synthetic_run(
                         "accuracy_change": float(-np.sign(pred) * pct / 200 if kind != "random" else 0.0),
                         "converged": True,
                     })
-        sp = [r for r in pairs_rows if r["scenario"] == s]
+        sp = [r for r in pairs_rows if r["scenario"] == s and r["converged"]]
         p = np.array([r["predicted"] for r in sp])
         a = np.array([r["actual"] for r in sp])
         slope = float(np.polyfit(p, a, 1)[0]) if len(p) > 1 else float("nan")

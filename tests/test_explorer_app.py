@@ -428,8 +428,6 @@ def test_buttons_that_switch_pages(monkeypatch, explorer_runs):
 
 def test_opens_on_the_demo_lead_run(monkeypatch, explorer_runs, tmp_path):
     """With no run in the URL the app shows the demo's lead ('fashion', else 'digits'), not the first name."""
-    import shutil
-
     root, names = explorer_runs
     for name in ("apparel", "fashion"):
         shutil.copytree(root / names["image"], tmp_path / name)
@@ -438,3 +436,29 @@ def test_opens_on_the_demo_lead_run(monkeypatch, explorer_runs, tmp_path):
     shutil.rmtree(tmp_path / "fashion")
     at = make_app(monkeypatch, tmp_path, page=None)
     assert not at.exception and at.selectbox(key="w_run").value == "apparel"
+
+
+def test_unconverged_retrainings_are_hollow_and_not_counted(monkeypatch, tmp_path):
+    """The Validation and Test point pages count what the manifest counts: converged retrainings only."""
+    write_synthetic_run(tmp_path, "run", m=200, T=6, unconverged=3)
+    run = open_run(tmp_path, "run")
+    scenario, t = "fixed", run.validation_test_points[0]
+    pairs = run.pairs()
+    mine = pairs[(pairs.scenario == scenario) & (pairs.test_id == t)]
+    counted = mine[mine.converged]
+    assert len(mine) - len(counted) == 3
+    at = make_app(monkeypatch, tmp_path, run="run", scenario=scenario, test=t)
+    at.switch_page(PAGES["validation"]).run()
+    assert_clean(at)
+    figs = plotly_figs(at)
+    one, every = figs[f"scatter_test_{scenario}_{t}"], figs[f"scatter_all_{scenario}"]
+    assert "(3 hollow: not converged, not counted)" in one["layout"]["title"]["text"]
+    note = one["layout"]["annotations"][0]["text"]
+    assert f"n = {len(counted)}" in note
+    assert f"Pearson {charts.fmt_stat(np.corrcoef(counted.predicted, counted.actual)[0, 1])}" in note
+    overall = run.manifest["validation"][scenario]
+    assert f"n = {overall['n_pairs']}" in every["layout"]["annotations"][0]["text"]
+    assert f"Pearson {charts.fmt_stat(overall['pearson'])}" in every["layout"]["annotations"][0]["text"]
+    hollow = [sym for tr in one["data"] if tr.get("mode") == "markers" and isinstance(tr["marker"].get("symbol"), list)
+              for sym in tr["marker"]["symbol"] if sym.endswith("-open")]
+    assert len(hollow) == 3

@@ -1,7 +1,7 @@
 """Explorer in a real browser: a Streamlit server driven by Playwright with the system Chromium.
 
 Skipped (with a reason) only when /usr/bin/chromium is absent and $CI is not set; under CI it runs.
-Screenshots go to test-artifacts/; with UPDATE_SCREENSHOTS=1 they are also copied to assets/.
+Screenshots go to test-artifacts/ (the README's come from a real run: assets/make_screenshots.py).
 Never run `playwright install`: the system Chromium is used.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -137,8 +136,6 @@ def _save(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     out = ARTIFACTS / name
     page.screenshot(path=str(out))
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        shutil.copyfile(out, REPO / "assets" / name)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Synthetic contract-valid runs (tests/run_factory.py: a clean digits run and its noisy sibling), a
 Streamlit server on loopback, Playwright on Debian's chromium. Skipped like test_explorer_browser.py
-when chromium is missing outside CI. Screenshots go to test-artifacts/ (and assets/ with
-UPDATE_SCREENSHOTS=1).
+when chromium is missing outside CI. Screenshots go to test-artifacts/ (the README's come from a
+real run: assets/make_screenshots.py).
 """
 
 from __future__ import annotations

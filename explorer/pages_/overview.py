@@ -28,7 +28,7 @@ def _gallery(which: str, per_class: int) -> None:
         for col, r in zip(cols * 2, rows.itertuples()):
             with col:
                 st.image(data.image_png(key, src, int(r.id), 64, render.NEUTRAL), width=56)
-                ui.md(render.caption_html([str(r.label_name)]))
+                ui.md(f'<div class="mi-gallery-cap">{render.html.escape(str(r.label_name))}</div>')
     else:      # one line per article: its topic and headline
         ui.md("<ul class='mi-headlines'>" + "".join(
             f"<li><b>{render.html.escape(str(r.label_name))}</b> · "

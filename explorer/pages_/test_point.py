@@ -101,7 +101,7 @@ def _scatter(test_id: int, evidence) -> None:
                       "perfect prediction. Blue helpful, orange harmful, grey random; hollow: the "
                       "retraining did not converge and is not counted.")
     # the same pairs as the manifest's figures: a retraining that missed the tolerance is not counted
-    counted = evidence[evidence["converged"].astype(bool)]
+    counted = story.converged_pairs(evidence)
     stats = charts.fit_stats(counted["predicted"], counted["actual"])
     left_out = len(evidence) - len(counted)
     options = list(dict.fromkeys(int(p) for p in evidence.sort_values("predicted", ascending=False)["pretrain_id"]))

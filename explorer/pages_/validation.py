@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 
+import pandas as pd
 import streamlit as st
 
-from explorer import charts, components as ui, data, render, state
+from explorer import charts, components as ui, data, render, state, story
 from explorer.state import SEL_TEST
 
 ctx = state.context()
@@ -56,8 +57,14 @@ else:
         cols[3].metric("Pairs (all)", f"{int(overall.get('n_pairs') or len(all_pairs)):,}")
 
     tp_pairs = data.pairs(key, scenario, test_id)
-    tp_stats = charts.fit_stats(tp_pairs["predicted"], tp_pairs["actual"])
-    all_stats = charts.fit_stats(all_pairs["predicted"], all_pairs["actual"])
+    # the manifest's figures count converged retrainings only; so do the charts' (the rest are hollow)
+    tp_counted, all_counted = story.converged_pairs(tp_pairs), story.converged_pairs(all_pairs)
+    tp_stats = charts.fit_stats(tp_counted["predicted"], tp_counted["actual"])
+    all_stats = charts.fit_stats(all_counted["predicted"], all_counted["actual"])
+
+    def _title(text: str, pairs: pd.DataFrame, counted: pd.DataFrame) -> str:
+        hollow = len(pairs) - len(counted)
+        return text + (f" ({hollow} hollow: not converged, not counted)" if hollow else "")
 
     def _pick_from_chart(chart_key: str) -> None:
         event = st.session_state.get(chart_key)
@@ -81,14 +88,15 @@ else:
     with c_one:
         k1 = f"scatter_test_{scenario}_{test_id}"
         st.plotly_chart(
-            charts.validation_scatter(tp_pairs, title=f"Test point #{test_id}", stats=tp_stats,
+            charts.validation_scatter(tp_pairs, title=_title(f"Test point #{test_id}", tp_pairs, tp_counted), stats=tp_stats,
                                       highlight=st.session_state.get("sel_val_pick")),
             key=k1, on_select=functools.partial(_pick_from_chart, k1), selection_mode="points",
         )
     with c_all:
         k2 = f"scatter_all_{scenario}"
         st.plotly_chart(
-            charts.validation_scatter(all_pairs, title=f"All {len(val_tests)} validated test points",
+            charts.validation_scatter(all_pairs, title=_title(f"All {len(val_tests)} validated test points",
+                                                                all_pairs, all_counted),
                                       stats=all_stats),
             key=k2, on_select=functools.partial(_pick_from_chart, k2), selection_mode="points",
         )

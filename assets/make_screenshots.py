@@ -1,0 +1,89 @@
+"""The README's lead screenshots, taken in a real browser from a real run (the demo's lead run).
+
+    python -m precompute --preset demo                  # runs/fashion where Fashion-MNIST is installed
+    python assets/make_screenshots.py --runs runs --run fashion
+
+Starts the explorer on 127.0.0.1 over ``--runs``, opens the Overview, the Test point page (a validation
+test point: its examples beside their retraining check) and the Validation page of ``--run``, and
+writes assets/screenshot-{overview,test-point,validation}.png. Needs Debian's chromium and
+Playwright for Python (the test suite's browser setup; no browser download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def start_explorer(root: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
+                             "--server.address", "127.0.0.1", "--server.port", str(port),
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                             "--", "--runs", str(root)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise SystemExit(f"error: the explorer did not start on {url}")
+
+
+def shoot(page, url: str, wait_for: str, out: Path) -> None:
+    page.goto(url)
+    page.wait_for_selector(wait_for, timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+    time.sleep(2)                    # images and plotly transitions
+    page.screenshot(path=str(out))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="runs root")
+    parser.add_argument("--run", default="fashion", help="run name under --runs")
+    parser.add_argument("--scenario", help="fixed or updated (default: the explorer's first)")
+    parser.add_argument("--test", type=int, help="test point of the Test point page (default: the first validated)")
+    parser.add_argument("--out", default=str(REPO / "assets"))
+    args = parser.parse_args()
+    manifest = json.loads((Path(args.runs) / args.run / "manifest.json").read_text())
+    test = args.test if args.test is not None else manifest["validation_test_points"][0]
+    out = Path(args.out)
+    proc, url = start_explorer(Path(args.runs).resolve())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            query = f"run={args.run}" + (f"&scenario={args.scenario}" if args.scenario else "")
+            shoot(browser.new_page(viewport={"width": 1440, "height": 1900}), f"{url}/?{query}",
+                  ".js-plotly-plot .scatterlayer .point", out / "screenshot-overview.png")
+            shoot(browser.new_page(viewport={"width": 1440, "height": 1500}), f"{url}/test-point?{query}&test={test}",
+                  ".st-key-tp_evidence .js-plotly-plot .scatterlayer .point", out / "screenshot-test-point.png")
+            shoot(browser.new_page(viewport={"width": 1440, "height": 1500}), f"{url}/validation?{query}",
+                  ".js-plotly-plot .scatterlayer .point", out / "screenshot-validation.png")
+            browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main()
