@@ -5,8 +5,10 @@ Models (float64, CPU, T test points, both scenarios):
   wide      the same with 128 hidden units (P = 8,965)
   cnn       a small CNN of this benchmark's own on Fashion-MNIST (classes 0-4 pretrain, 5-9 finetune):
             Conv2d(1, 8, 5, stride 2, pad 2) -> tanh -> Conv2d(8, 16, 5, stride 2, pad 2) -> tanh ->
-            Linear(784, 10) -> tanh, heads Linear(10, classes): P = 11,329. (Not the `--preset fashion`
-            CNN, which is built elsewhere in parallel.) Data: /usr/share/datasets/fashion-mnist.
+            Linear(784, 10) -> tanh, heads Linear(10, classes): P = 11,329 (predates the preset's CNN).
+            Data: /usr/share/datasets/fashion-mnist.
+  fashion-quick  the `--preset fashion --quick` task itself: its mixed split, m = 300, and quick mode's
+            CNN (channels 4, 8; 8 units; P = 1,989), so the dense exact reference fits.
 
 Per model and solver: seconds of the whole multi-stage influence step (finetune-side solves, EK-FAC
 fits, the pretraining solve, the streamed scoring) and, PER SCENARIO (never pooled: the fixed
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from precompute.config import DataConfig, InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
 from precompute.ekfac import pretrain_system  # noqa: E402
 from precompute.influence import multi_stage_scores, pretrain_solver, score_pretraining  # noqa: E402
-from precompute.presets import PRESET_MODELS, build_task, load_task_data  # noqa: E402
+from precompute.presets import PRESET_MODELS, QUICK_CAPS, QUICK_MODELS, build_task, load_task_data  # noqa: E402
 from precompute.task import TwoStageTask  # noqa: E402
 from precompute.training import train_stages  # noqa: E402
 
@@ -58,6 +60,13 @@ ALPHA = 0.1
 def digits_task(hidden: int) -> TwoStageTask:
     model = replace(PRESET_MODELS["digits"], hidden=hidden)
     return build_task(load_task_data(DataConfig(preset="digits"), model), model).to("cpu", torch.float64)
+
+
+def fashion_quick_task() -> TwoStageTask:
+    model = QUICK_MODELS["fashion"]
+    pre, fine = QUICK_CAPS["fashion"]
+    data = load_task_data(DataConfig(preset="fashion", max_pretrain=pre, max_finetune=fine), model)
+    return build_task(data, model).to("cpu", torch.float64)
 
 
 def read_idx(name: str, offset: int) -> np.ndarray:
@@ -343,7 +352,7 @@ def main() -> None:
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
     builders = {"digits": lambda: digits_task(16), "wide": lambda: digits_task(128),
-                "cnn": lambda: cnn_task(args.cnn_m, max(100, args.cnn_m // 2), 200)}
+                "cnn": lambda: cnn_task(args.cnn_m, max(100, args.cnn_m // 2), 200), "fashion-quick": fashion_quick_task}
     results, light = {}, {}
     for name in args.models.split(","):
         task = builders[name]()
