@@ -138,7 +138,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
 
         def counted(v: Tensor, step=step, gnorm=float(g.norm())) -> Tensor:
             if on_note is not None:
-                on_note(f"Newton polish {step + 1}: Hessian column {done[0]}/{dim} at ‖∇‖ {gnorm:.1e}")
+                on_note(f"Newton polish {step + 1} at ‖∇‖ {gnorm:.1e}: Hessian columns "
+                        f"{done[0] + 1}-{done[0] + v.shape[1]} of {dim}")
             done[0] += v.shape[1]
             return hvp(v)
 
