@@ -66,7 +66,10 @@ def main() -> None:
     parser.add_argument("--test", type=int, help="test point of the Test point page (default: the first validated)")
     parser.add_argument("--out", default=str(REPO / "assets"))
     args = parser.parse_args()
-    manifest = json.loads((Path(args.runs) / args.run / "manifest.json").read_text())
+    manifest_path = Path(args.runs) / args.run / "manifest.json"
+    if not manifest_path.is_file():
+        raise SystemExit(f"error: {manifest_path} not found; make the run first (python -m precompute --preset demo)")
+    manifest = json.loads(manifest_path.read_text())
     test = args.test if args.test is not None else manifest["validation_test_points"][0]
     out = Path(args.out)
     proc, url = start_explorer(Path(args.runs).resolve())

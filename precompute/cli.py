@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import PRESET_MODELS, QUICK_MODELS, quick_config
+from .presets import PRESET_MODELS, QUICK_MODELS, cost_note, quick_config
 
 # (run name, preset, {flag dest: value}): the demo leads with Fashion-MNIST at quick size (the full
 # preset takes far longer than the demo's 10 minutes) where Debian's package or --data-dir has it, else
@@ -367,7 +367,7 @@ def pipeline_main(argv: list[str]) -> int:
 
 def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
     from .distributed import broadcast_object
-    from .pipeline import run_pipeline
+    from .pipeline import resolve_device, run_pipeline
 
     say = (lambda text: print(text, flush=True)) if main_rank else (lambda text: None)
     if args.preset == "demo":
@@ -392,6 +392,9 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
             config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
             check_resources(config)
             say(f"== {preset} -> {out}")
+            note = cost_note(config, resolve_device(config.device).type)
+            if note:
+                say(note)
             summary = run_pipeline(config)
         except (PrecomputeError, ValueError) as err:   # DataError, TaskError, RetrainError, ... and configs
             if main_rank:                           # other ranks' errors reach rank 0 by name

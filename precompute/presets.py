@@ -131,6 +131,16 @@ def _split_tasks(config: DataConfig) -> tuple[LabelledExamples, LabelledExamples
     return pre, fine
 
 
+def cost_note(config: RunConfig, device_type: str) -> str | None:
+    """One line to print before a run that is far costlier on ``device_type`` than the presets' usual
+    minutes (the full fashion preset on a CPU), saying what to run instead; None otherwise."""
+    if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
+        return ("note: the full fashion preset (m = 5,000, a CNN of 11,813 parameters, float64) needs well "
+                "over an hour on a 2-core CPU (its pretraining alone had not converged after 17 minutes); "
+                "--quick takes about 6 minutes, and --device cuda is the way to run it full-size")
+    return None
+
+
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI
     (digits and news well under a minute, fashion about 6 minutes on a CPU). Per-class caps on both

@@ -185,3 +185,17 @@ def test_garments_are_upscaled_large_enough():
     big = render.upscale(img, 96)
     assert big.shape == (112, 112) and np.array_equal(big[::4, ::4], img)
     assert render.upscale(img, 48).shape == (56, 56)
+
+
+def test_full_preset_on_a_cpu_says_what_it_costs_first():
+    """The full preset takes hours on a CPU: the run says so in one line before it starts, and names
+    --quick and --device cuda; quick runs, GPU runs and other presets get no note."""
+    from precompute.config import DataConfig, RunConfig
+    from precompute.presets import cost_note, quick_config
+
+    full = RunConfig(out="", data=DataConfig(preset="fashion"))
+    note = cost_note(full, "cpu")
+    assert note is not None and "\n" not in note and "--quick" in note and "--device cuda" in note
+    assert cost_note(full, "cuda") is None
+    assert cost_note(quick_config(full), "cpu") is None
+    assert cost_note(RunConfig(out="", data=DataConfig(preset="digits")), "cpu") is None
