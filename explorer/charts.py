@@ -211,8 +211,11 @@ def group_curves(group: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     return fig
 
 
+METHOD_LABELS = {"single_stage_ekfac": "single stage (EK-FAC, as kronfluence)"}
+
+
 def method_label(method: str) -> str:
-    return method.replace("_", " ")
+    return METHOD_LABELS.get(method, method.replace("_", " "))
 
 
 def baseline_bars(validation: Mapping, baselines: Mapping, *, metric: str = "spearman") -> go.Figure:

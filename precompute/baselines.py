@@ -13,6 +13,8 @@ loss, z helpful); the two properties of z alone are reported with their natural 
     embedding_similarity  cos(φ_θ(x_z), φ_θ(x_t)) with the scenario's embedding θ (θ* or θ_ft)
     single_stage          ∇_p ℓ_P(z) · H_P⁻¹ [∇_θ f_t; 0] / m: influence through the embedding that
                           ignores the finetune coupling (no H_θU H_UU⁻¹ ∇_U f term, no proximal solve)
+    single_stage_ekfac    the same with H_P⁻¹ replaced by EK-FAC (+ L2 and the run's damping): what a
+                          kronfluence user gets from the pretraining model and the finetune test gradient
 
 Scenario-dependent methods use that scenario's finetuned q (θ and U).
 """
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .config import SolverConfig, ValidationConfig
+from .ekfac import pretrain_system
 from .influence import gradients_at_test_points, per_example_gradients, pretrain_solver, score_pretraining
 from .metrics import pearson, spearman
 from .solvers import InverseHVP
@@ -32,7 +35,7 @@ from .task import TwoStageTask
 from .training import TrainedStages
 
 BASELINES = ("pretrain_loss", "predictive_entropy", "grad_dot", "grad_cosine", "embedding_similarity",
-             "single_stage")
+             "single_stage", "single_stage_ekfac")
 
 
 def _cosine_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -83,14 +86,20 @@ def baseline_scores(task: TwoStageTask, trained: TrainedStages, test_ids, scenar
         out["predictive_entropy"][s] = np.broadcast_to(entropy, (t, m)).copy()
         out["grad_dot"][s], out["grad_cosine"][s], out["embedding_similarity"][s] = dot[s], cosine[s], similarity[s]
 
-    # Single-stage influence: all scenarios' right-hand sides in one solve and one streamed pass.
+    # Single-stage influence, exact and EK-FAC: every scenario's right-hand sides in one solve each and
+    # one streamed pass for both.
     inverse = solver if isinstance(solver, InverseHVP) else pretrain_solver(task, p, solver)
     rhs = torch.cat([test_grads[s].T for s in scenarios], dim=1)
     rhs = torch.cat([rhs, torch.zeros(task.w_layout.size, rhs.shape[1], dtype=rhs.dtype, device=rhs.device)])
     vectors, _ = inverse.solve(rhs)
-    single = score_pretraining(task, p, vectors, chunk_size, progress=progress).astype(np.float64)
+    damping = solver.damping if isinstance(solver, SolverConfig) else 0.0
+    kfac, _ = pretrain_system(task, p, SolverConfig("ekfac", damping=damping)).solve(rhs)
+    single = score_pretraining(task, p, torch.cat([vectors, kfac], dim=1), chunk_size,
+                               progress=progress).astype(np.float64)
+    n = len(scenarios) * t
     for i, s in enumerate(scenarios):
         out["single_stage"][s] = single[i * t: (i + 1) * t]
+        out["single_stage_ekfac"][s] = single[n + i * t: n + (i + 1) * t]
     return out
 
 
