@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from precompute.config import DataConfig, InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
 from precompute.influence import multi_stage_scores  # noqa: E402
 from precompute.metrics import pearson, spearman  # noqa: E402
-from precompute.presets import PRESET_MODELS, QUICK_MODELS, build_task, load_task_data  # noqa: E402
+from precompute.presets import PRESET_MODELS, QUICK_CAPS, QUICK_MODELS, build_task, load_task_data  # noqa: E402
 from precompute.training import train_stages  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def delete_and_rerun(args: argparse.Namespace) -> dict:
     # At quick size (--per-class > 0) the fashion CNN is quick mode's (P = 1,989), which the exact solver fits.
     model = QUICK_MODELS.get(args.preset, PRESET_MODELS[args.preset]) if args.per_class else PRESET_MODELS[args.preset]
     data = load_task_data(DataConfig(preset=args.preset, max_pretrain=args.per_class,
-                                     max_finetune=40 if args.per_class else 0,
+                                     max_finetune=QUICK_CAPS[args.preset][1] if args.per_class else 0,
                                      seed=args.seed), model)
 
     def fresh(**changes):

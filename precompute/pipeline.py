@@ -20,6 +20,7 @@ from . import progress as progress_report
 from .config import RunConfig
 from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
                           rank_zero_compute, rank_zero_writer)
+from .curvature import hessian_key, release_hessian
 from .ekfac import with_factor_cache
 from .influence import multi_stage_scores
 from .models import embedding_units
@@ -235,6 +236,8 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
         evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
                             "cleaning/retrain.parquet": cleaning.retrain}
         evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
+    # the exact solves of influence, retraining and baselines shared one pretraining Hessian: done with it
+    release_hessian(hessian_key("pretrain", task, trained.p.detach()))
 
     with timer.step("write files"):
         pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)

@@ -48,10 +48,12 @@ PRESET_MODELS = {"digits": ModelConfig(hidden=16),
 # Quick mode's fashion CNN: channels 4, 8 and 8 units (P = 1,989), within the exact solver, the dense
 # Newton polish and the dense retraining preconditioner, so --quick validates in minutes on a CPU.
 QUICK_MODELS = {"fashion": ModelConfig(hidden=8, channels=(4, 8))}
-QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "fashion": (60, 40), "custom": (60, 40)}   # per class: pretrain, finetune
+# Fashion finetunes on 80 per class (half held out as test): with 40, updated-scenario accuracy of the quick
+# CNN was 0.87, with 80 0.935 (fixed 0.74 -> 0.76, so the frozen embedding still limits it: pretraining matters).
+QUICK_CAPS = {"digits": (60, 40), "news": (40, 30), "fashion": (60, 80), "custom": (60, 40)}   # per class: pretrain, finetune
 # Full-mode caps where a preset's source is larger than its time budget (per class: pretrain, finetune):
-# fashion pretrains on m = 5,000 of its 30,000 garments and finetunes on 30 per class (the rest held out).
-FULL_CAPS = {"fashion": (1000, 60)}
+# fashion pretrains on m = 5,000 of its 30,000 garments and finetunes on 40 per class (40 more held out).
+FULL_CAPS = {"fashion": (1000, 80)}
 @dataclass
 class TaskData:
     """Both tasks' examples and their model inputs (float32 arrays, row i = example i; the

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 from . import progress as progress_report
 from .config import ValidationConfig
-from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key, release_hessian
+from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key
 from .errors import PrecomputeError
 from .task import TwoStageTask
 from .training import TrainedStages
@@ -309,13 +309,12 @@ class Retrainer:
         base_data = {"pretrain": torch.ones(task.m, dtype=task.dtype, device=task.device),
                      "fixed": self.trained.q("fixed")[:nt].detach() if "fixed" in self.scenarios else None,
                      "updated": task.theta_of(trained.p).detach()}
-        # The pretraining Hessian at p* is the one the exact influence solve built (``hessian_key``);
-        # retraining is its last user, so it is released once factorised.
+        # The pretraining Hessian at p* is the one the exact influence solve built (``hessian_key``); the
+        # baselines' single-stage solve uses it after retraining, and the pipeline releases it.
         key = hessian_key("pretrain", task, self.start["pretrain"])
         self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k,
                                              key if k == "pretrain" else None)
                         for k in ("pretrain", *self.scenarios)}
-        release_hessian(key)
 
     def run(self, weights: Tensor, tol: float, max_iter: int,
             on_iter: Callable[[str, int, Tensor], object] | None = None) -> RetrainResult:

@@ -138,9 +138,30 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     monkeypatch.setattr(retraining, "batched_hvp", counting)
     retraining.Retrainer(task, trained)
     assert not [p for p in products if p[0] == task.n_pretrain_params]         # pretraining: reused
-    assert curvature._LAST_HESSIAN == (None, None)                            # then released
+    assert curvature._LAST_HESSIAN[0] == solver.hessian_key                   # kept for the baselines
     assert sum(k for d, k in products if d == task.n_finetune_params) == task.n_finetune_params   # updated: built
     ones = torch.ones(task.m, dtype=task.dtype)
     own = dense_hessian(batched_hvp(lambda p: task.pretrain_objective(p, ones), trained.p),
                         task.n_pretrain_params, task.dtype, "cpu")
     torch.testing.assert_close(solver.hessian(), own, rtol=1e-9, atol=1e-12)
+
+
+def test_a_run_releases_the_shared_pretraining_hessian(tmp_path, monkeypatch):
+    """Influence, retraining and the baselines share one keyed build; the run drops it when done."""
+    from precompute import curvature
+    from precompute.cli import main
+
+    monkeypatch.setattr(curvature, "_LAST_HESSIAN", (None, None))
+    builds = []
+    keyed = curvature.dense_hessian
+
+    def spy(hvp, dim, dtype, device, block=256, key=None):
+        if key is not None and curvature._LAST_HESSIAN[0] != key:
+            builds.append(key[0])
+        return keyed(hvp, dim, dtype, device, block, key)
+
+    from precompute import solvers
+    monkeypatch.setattr(solvers, "dense_hessian", spy)
+    assert main(["--preset", "digits", "--quick", "--out", str(tmp_path / "r")]) == 0
+    assert builds == ["pretrain"]                           # one build for influence, retraining, baselines
+    assert curvature._LAST_HESSIAN == (None, None)
