@@ -150,13 +150,13 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000, a CNN of 11,813 parameters, float64) needs well "
                 "over an hour on a 2-core CPU (its pretraining alone had not converged after 17 minutes); "
-                "--quick takes about 6 minutes, and --device cuda is the way to run it full-size")
+                "--quick takes about 4 minutes, and --device cuda is the way to run it full-size")
     return None
 
 
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI
-    (digits and news well under a minute, fashion about 6 minutes on a CPU). Per-class caps on both
+    (digits and news well under a minute, fashion about 4 minutes on 2 CPU cores). Per-class caps on both
     tasks (``QUICK_CAPS``, where no cap is set), the smaller fashion CNN (``QUICK_MODELS``), 6 scored
     test points, a 3-point retraining check and 3-fold cleaning."""
     pre, fine = QUICK_CAPS[config.data.preset]
