@@ -367,7 +367,7 @@ def pipeline_main(argv: list[str]) -> int:
 def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
     import torch
 
-    from .distributed import broadcast_object
+    from .distributed import broadcast_object, get_world_size
     from .pipeline import resolve_device, run_pipeline
 
     say = (lambda text: print(text, flush=True)) if main_rank else (lambda text: None)
@@ -391,7 +391,7 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
             continue
         try:
             config = config_from_args(argparse.Namespace(**{**vars(args), **extra}), preset, out)
-            torch.set_num_threads(args.threads or preset_threads(preset))
+            torch.set_num_threads(args.threads or preset_threads(preset, get_world_size()))
             check_resources(config)
             say(f"== {preset} -> {out}")
             note = cost_note(config, resolve_device(config.device).type)

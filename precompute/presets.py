@@ -139,9 +139,10 @@ PRESET_THREADS = {"fashion": 2}
 CNN: a 256-column Hessian block took 7.2 s on one thread and 4.1 s on two; the MLPs gain nothing."""
 
 
-def preset_threads(preset: str) -> int:
-    """Default torch threads of a preset's run: ``PRESET_THREADS``, at most the machine's cores."""
-    return max(1, min(PRESET_THREADS.get(preset, 1), os.cpu_count() or 1))
+def preset_threads(preset: str, ranks: int = 1) -> int:
+    """Default torch threads of a preset's run: ``PRESET_THREADS``, at most the machine's cores shared
+    by ``ranks`` processes (torchrun on one machine)."""
+    return max(1, min(PRESET_THREADS.get(preset, 1), (os.cpu_count() or 1) // max(1, ranks)))
 
 
 def cost_note(config: RunConfig, device_type: str) -> str | None:

@@ -116,6 +116,7 @@ def test_threads_default_per_preset_and_explicit_flag_wins(monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert preset_threads("fashion") == 2 and preset_threads("digits") == preset_threads("news") == 1
+    assert preset_threads("fashion", ranks=2) == 1                 # torchrun: the cores are shared
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert preset_threads("fashion") == 1
     assert build_parser().parse_args([]).threads is None
