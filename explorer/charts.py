@@ -228,12 +228,14 @@ def baseline_bars(validation: Mapping, baselines: Mapping, *, metric: str = "spe
             rows.append((method_label(method), scenario, (v or {}).get(metric)))
     fig = go.Figure()
     methods = list(dict.fromkeys(r[0] for r in rows))
-    palette = [HELPFUL, "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442", RANDOM]
+    # one colour per method: the first is the multi-stage score's, never reused by a baseline
+    palette = [HELPFUL, "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442", RANDOM, "#882255", "#44AA99", "#117733"]
     for i, method in enumerate(methods):
         part = [r for r in rows if r[0] == method]
         ys = [float(r[2]) if r[2] is not None else None for r in part]
         fig.add_trace(go.Bar(
-            x=[r[1] for r in part], y=ys, name=method, marker_color=palette[i % len(palette)],
+            x=[r[1] for r in part], y=ys, name=method, marker_color=palette[i] if i < len(palette) else
+            palette[1 + (i - 1) % (len(palette) - 1)],
             text=[fmt_stat(y) for y in ys], textposition="outside",
             hovertemplate=method + "<br>%{x}: %{y:.3f}<extra></extra>",
         ))

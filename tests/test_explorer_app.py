@@ -462,3 +462,16 @@ def test_unconverged_retrainings_are_hollow_and_not_counted(monkeypatch, tmp_pat
     hollow = [sym for tr in one["data"] if tr.get("mode") == "markers" and isinstance(tr["marker"].get("symbol"), list)
               for sym in tr["marker"]["symbol"] if sym.endswith("-open")]
     assert len(hollow) == 3
+
+
+def test_baseline_bars_never_share_the_multi_stage_colour():
+    """With eight or more methods (the single-stage EK-FAC baseline made eight) a palette that cycles gave a
+    baseline the multi-stage score's colour."""
+    validation = {"fixed": {"spearman": 0.9}}
+    baselines = {f"method_{i}": {"fixed": {"spearman": 0.1 * i}} for i in range(12)}
+    fig = charts.baseline_bars(validation, baselines)
+    colours = [trace.marker.color for trace in fig.data]
+    assert fig.data[0].name == "multi-stage influence"
+    assert colours[0] not in colours[1:]
+    assert len(set(colours[1:10])) == 9                      # distinct while the palette lasts
+    assert charts.method_label("single_stage_ekfac") == "single stage (EK-FAC, as kronfluence)"
