@@ -132,13 +132,15 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     """
     value = float(objective(x))
     dim = x.numel()
+    saddles = 0               # reported: stepping off a saddle makes ‖∇‖ rise for a while, on purpose
     for step in range(steps):
         g = _gradient(objective, x)
         hvp, done = batched_hvp(objective, x, rhs_block=256), [0]
 
-        def counted(v: Tensor, step=step, gnorm=float(g.norm())) -> Tensor:
+        def counted(v: Tensor, step=step, gnorm=float(g.norm()), saddles=saddles) -> Tensor:
             if on_note is not None:
-                on_note(f"Newton polish {step + 1} at ‖∇‖ {gnorm:.1e}: Hessian columns "
+                escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
+                on_note(f"Newton polish {step + 1}{escaped} at ‖∇‖ {gnorm:.1e}: Hessian columns "
                         f"{done[0] + 1}-{done[0] + v.shape[1]} of {dim}")
             done[0] += v.shape[1]
             return hvp(v)
@@ -156,6 +158,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
                 if chord:
                     break             # judge the saddle on a Hessian of this point
                 direction = evecs[:, 0] * (1.0 if float(g @ evecs[:, 0]) >= 0 else -1.0)
+                saddles += 1
             else:
                 direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
             moved = _halving_step(objective, x, direction,

@@ -35,6 +35,15 @@ def test_newton_polish_steps_off_a_saddle_to_a_minimum():
     assert float(_saddle_objective(x)) < float(_saddle_objective(start))
 
 
+def test_newton_polish_says_when_it_has_left_a_saddle():
+    """Stepping off a saddle raises ‖∇‖ before it falls: the progress note says why."""
+    notes: list[str] = []
+    x, at_minimum = newton_polish(_saddle_objective, torch.zeros(2, dtype=torch.float64), steps=30,
+                                  grad_tol=1e-12, on_note=notes.append)
+    assert at_minimum and "saddle" not in notes[0]
+    assert any(", 1 saddle left behind at ‖∇‖" in note for note in notes[1:])
+
+
 def test_newton_polish_at_a_saddle_with_no_steps_does_not_claim_a_minimum():
     x, at_minimum = newton_polish(_saddle_objective, torch.zeros(2, dtype=torch.float64), steps=0, grad_tol=1e-12)
     assert not at_minimum and torch.equal(x, torch.zeros(2, dtype=torch.float64))
