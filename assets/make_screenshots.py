@@ -15,38 +15,16 @@ import argparse
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def start_explorer(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
-                             "--server.address", "127.0.0.1", "--server.port", str(port),
-                             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-                             "--", "--runs", str(root)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit(f"error: the explorer did not start on {url}")
+from bench_explorer import ARGS as CHROMIUM_ARGS, CHROMIUM, serve_explorer  # noqa: E402
 
 
 def shoot(page, url: str, wait_for: str, out: Path) -> None:
@@ -72,10 +50,10 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text())
     test = args.test if args.test is not None else manifest["validation_test_points"][0]
     out = Path(args.out)
-    proc, url = start_explorer(Path(args.runs).resolve())
+    proc, url = serve_explorer(str(Path(args.runs).resolve()))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             query = f"run={args.run}" + (f"&scenario={args.scenario}" if args.scenario else "")
             shoot(browser.new_page(viewport={"width": 1440, "height": 1900}), f"{url}/?{query}",
                   ".js-plotly-plot .scatterlayer .point", out / "screenshot-overview.png")

@@ -51,7 +51,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(root: str) -> tuple[subprocess.Popen, str]:
+def serve_explorer(root: str) -> tuple[subprocess.Popen, str]:
+    """The explorer over runs root ``root`` on a free loopback port: (process group leader, URL)."""
     port = _port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             root, name = tmp, "bench"
             write_synthetic_run(tmp, "bench", modality="image", m=args.m, n_test=max(300, args.T), T=args.T, noisy=True)
         run = open_run(root, name)
-        proc, url = _serve(root)
+        proc, url = serve_explorer(root)
         try:
             first, times = measure(url, name, run.test_points, args.clicks)
         finally:

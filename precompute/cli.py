@@ -31,7 +31,7 @@ from .presets import PRESET_MODELS, QUICK_MODELS, cost_note, preset_threads, qui
 # on 3 test points (the quick validation sizes), to keep the demo's time down.
 DEMO_LEAD = ("fashion", "fashion", {"quick": True})
 DEMO_FALLBACK = ("digits", "digits", {})
-DEMO_RUNS = (("news", "news", {}),
+DEMO_REST = (("news", "news", {}),
              ("digits-noisy", "digits", {"data.label_noise": 0.1, "validation.n_test_points": 3, "validation.k": 3,
                                          "validation.group_percents": (5.0, 10.0)}))
 
@@ -40,7 +40,7 @@ def demo_runs(data_dir: str | None = None) -> tuple[tuple[str, str, dict], ...]:
     """The demo's runs in order, its lead first: fashion when its files are found, else digits."""
     from .data.fashion import fashion_available
 
-    return ((DEMO_LEAD if fashion_available(data_dir) else DEMO_FALLBACK),) + DEMO_RUNS
+    return ((DEMO_LEAD if fashion_available(data_dir) else DEMO_FALLBACK),) + DEMO_REST
 
 
 # Flags that name a config field but are resolved per job (the demo writes ROOT/<name> for --out ROOT).
