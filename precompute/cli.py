@@ -46,7 +46,7 @@ def demo_runs(data_dir: str | None = None) -> tuple[tuple[str, str, dict], ...]:
 # Flags that name a config field but are resolved per job (the demo writes ROOT/<name> for --out ROOT).
 NOT_CONFIG = frozenset({"out", "preset"})
 # Flags that set several fields: one seed for data, removals and folds; one solver for both stages.
-FANOUT = {"seed": ("data.seed", "validation.seed", "cleaning.seed"),
+FANOUT = {"seed": ("data.seed", "validation.seed", "cleaning.seed", "train.jitter_seed"),
           "solver": ("influence.pretrain_solver", "influence.finetune_solver")}
 
 
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--train-iters", **option("train.max_iter"))
     g.add_argument("--newton-steps", **option("train.newton_polish"))
+    g.add_argument("--init-jitter", **option("train.init_jitter"))
 
     g = p.add_argument_group("validation by retraining")
     g.add_argument("--no-validate", **option("validate", "skip retraining validation and baselines"))
@@ -311,6 +312,8 @@ def check_args(args: argparse.Namespace) -> None:
         need(value is None or (finite(value) and value >= 0), flag, value, "must be a finite number >= 0", "1e-2")
     for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps)):
         need(value is None or value >= 0, flag, value, "must be 0 or more", "10")
+    need(finite(args.init_jitter) and 0 <= args.init_jitter < 1, "--init-jitter", args.init_jitter,
+         "must be a relative size from 0 to below 1", "1e-12")
     need(args.group_percents is None or (bool(args.group_percents) and all(
         finite(x) and 0 < x < 100 for x in args.group_percents)), "--group-percents", args.group_percents,
          "each size must be a percentage between 0 and 100 (exclusive)", "1,2,5,10")

@@ -103,6 +103,10 @@ class TrainConfig:
                 reach machine precision in a few steps near a minimum, which the retraining check
                 relies on.
     rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
+    init_jitter: relative perturbation of the initial weights, x0·(1 + init_jitter·N(0, 1)): emulates
+                another CPU's rounding (1e-12 moves a non-convex trajectory as far as another BLAS
+                does) for seed sweeps; 0 = the modules' initial weights exactly.
+    jitter_seed: seed of that perturbation.
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the
                 task's pretraining inputs are ``LazyRows`` (memory-mapped), in chunks of 4,096;
@@ -118,14 +122,19 @@ class TrainConfig:
     newton_polish: int = knob(10, "Newton polish steps after L-BFGS (each costs about P/256 passes over the "
                                   "pretraining set; 0 turns it off)")
     newton_max_params: int = 6000
-    rounds: int = 4
+    rounds: int = 6
     stream_chunk: int = 0
+    init_jitter: float = knob(0.0, "relative perturbation of the initial weights (e.g. 1e-12) to emulate another "
+                                   "CPU's rounding in seed sweeps; 0 = none")
+    jitter_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.stream_chunk < 0:
             raise ValueError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
         if self.max_iter < 0:
             raise ValueError(f"training iterations (--train-iters) must be >= 0, got {self.max_iter}")
+        if not 0 <= self.init_jitter < 1:
+            raise ValueError(f"init_jitter must be in [0, 1), got {self.init_jitter}")
         if self.newton_polish < 0:
             raise ValueError(f"Newton steps (--newton-steps) must be >= 0, got {self.newton_polish}")
 

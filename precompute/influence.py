@@ -171,8 +171,13 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
     broadcast; the pretraining solve runs on rank 0 alone, or with ``data_parallel`` on every rank
     in lockstep over a data-parallel HVP; the vectors are broadcast from rank 0 so every rank holds
     bit-identical ones. One process: the plain steps, in the same order.
+
+    Raises ``CertificateError`` when a stage is not a certified minimum and a solve is undamped
+    (``TrainedStages.require_certified``): exact influence is undefined there.
     """
     ids = task.check_test_ids(test_ids)
+    trained.require_certified(tuple(config.scenarios),
+                              min(config.pretrain_solver.damping, config.finetune_solver.damping))
     device = trained.p.device
     g, side_diagnostics = rank_zero_compute(finetune_side, task, trained, ids, config, device=device,
                                             what="finetune-side solves")

@@ -153,10 +153,15 @@ class RunSummary:
         training = {s: m["diagnostics"][s]["training"] for s in m["scenarios"]}
         stages = {"pretraining": training[m["scenarios"][0]]["pretrain"],
                   **{f"finetuning ({s})": t["finetune"] for s, t in training.items()}}
+        certificates = [f"{stage} ‖∇‖ {r['grad_norm']:.0e}, λ_min {r['eig_min']:.1e}"
+                        for stage, r in stages.items() if r.get("eig_min") is not None]
+        if certificates:
+            out.append("  certified minima: " + "; ".join(certificates))
         for stage, result in stages.items():
-            if not result["converged"]:
-                out.append(f"  warning: {stage} stopped before a minimum (‖∇‖ = {result['grad_norm']:.1e} after "
-                           f"{result['iterations']} iterations); influence assumes one: raise --train-iters")
+            if not result.get("certified", result["converged"]):
+                out.append(f"  warning: {stage} is not a certified minimum (‖∇‖ = {result['grad_norm']:.1e}, "
+                           f"λ_min = {result.get('eig_min')}); the damped scores answer the proximal question, "
+                           "not leave-one-out")
         out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
                    + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
         return out
@@ -190,6 +195,9 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
                                         config.influence.scenarios, progress=progress, device=device,
                                         what="training")
+            influence_damping = min(config.influence.pretrain_solver.damping, config.influence.finetune_solver.damping)
+            # one line naming the stage, before any solver runs on it (every rank raises: ``trained`` is broadcast)
+            trained.require_certified(config.influence.scenarios, influence_damping)
         preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
         if explicit_ids:
             test_ids = explicit_ids

@@ -24,11 +24,14 @@ from torch import Tensor
 
 from . import progress as progress_report
 from .config import TrainConfig
-from .curvature import batched_hvp, dense_hessian
+from .certificate import Certificate, CertificateError, certify
+from .curvature import batched_hvp, dense_hessian, hessian_key
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
 Objective = Callable[[Tensor], Tensor]
+ROUNDING_ULPS = 100
+"""An objective change below this many ulps of |L| is rounding noise, not descent."""
 
 
 @dataclass
@@ -38,22 +41,43 @@ class TrainResult:
     grad_norm: float        # ‖∇objective‖₂ at ``params``
     iterations: int
     converged: bool         # grad_norm <= grad_tol
+    certificate: Certificate | None = None   # ‖∇‖ and λ_min of the Hessian at ``params``
+    saddles_escaped: int = 0
+
+    @property
+    def certified(self) -> bool:
+        """A strict local minimum: ‖∇‖ ≤ grad_tol and λ_min > 0 (False when never certified)."""
+        return self.certificate is not None and self.certificate.certified
+
+    @property
+    def eig_min(self) -> float | None:
+        return None if self.certificate is None else self.certificate.eig_min
 
     def summary(self) -> dict:
-        return {"objective": self.objective, "grad_norm": self.grad_norm,
-                "iterations": self.iterations, "converged": self.converged}
+        out = {"objective": self.objective, "grad_norm": self.grad_norm,
+               "iterations": self.iterations, "converged": self.converged,
+               "eig_min": self.eig_min, "certified": self.certified, "saddles_escaped": self.saddles_escaped}
+        if self.certificate is not None:
+            out |= {"grad_tol": self.certificate.grad_tol, "eig_method": self.certificate.method}
+        return out
 
 
-def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None) -> TrainResult:
-    """Rounds of full-batch L-BFGS (to ‖∇‖ ≤ lbfgs_tol) and Newton polish (to ‖∇‖ ≤ grad_tol).
+def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None,
+             hessian_key: Callable[[Tensor], tuple] | None = None) -> TrainResult:
+    """Rounds of full-batch L-BFGS (to ‖∇‖ ≤ lbfgs_tol) and Newton polish (to ‖∇‖ ≤ grad_tol), then a
+    certificate (``precompute.certificate``): ‖∇‖ and the smallest Hessian eigenvalue at the result.
 
-    Non-convex stages can stall L-BFGS near a saddle; the Newton phase detects negative curvature
-    and steps off it, and the next round of L-BFGS continues from there.
+    Non-convex stages can stall L-BFGS next to a saddle. Wherever negative curvature shows (in the
+    polish's factorisation, or in the certificate), one step goes along that eigenvector, both signs
+    tried, the lower kept, and the next round of L-BFGS carries on from there: a saddle costs one
+    dense Hessian and some cheap L-BFGS iterations, not a dense Hessian per Newton step.
+    ``hessian_key``: x -> the key under which the certificate's dense Hessian is shared with later
+    users at the same point (``curvature.dense_hessian``; the pretraining stage's influence solve).
     """
     x = x0.detach().clone()
     if not torch.isfinite(objective(x)):
         raise TaskError(f"{desc or 'training'}: objective is non-finite at the start; check the inputs and loss")
-    iterations, rounds = 0, 0
+    iterations, rounds, escaped = 0, 0, [0]
     bar = progress_report.bar(desc or "", unit="iterations", enabled=desc is not None)
     first = [None]
 
@@ -66,21 +90,60 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
             bar.set_fraction(max(bar.item.fraction or 0.0,
                                  math.log(first[0] / gnorm) / math.log(first[0] / config.grad_tol)))
 
-    polish = newton_polish if x.numel() <= config.newton_max_params else newton_cg_polish
+    def on_escape() -> None:
+        escaped[0] += 1
+
+    dense = x.numel() <= config.newton_max_params
+    polish = newton_polish if dense else newton_cg_polish
+    certificate = None
     while True:
         rounds += 1
         x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc,
                          lambda n, gn, done=iterations: report(done + n, gn))
         iterations += used
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
-        if not config.newton_polish:
+        at_minimum = False
+        if config.newton_polish:
+            before = escaped[0]
+            x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
+                                   on_escape=on_escape)
+            if escaped[0] > before and rounds < config.rounds:
+                continue                         # off a saddle: L-BFGS takes it from here
+        bar.set_note(f"certifying the minimum ({'dense Hessian' if dense else 'Lanczos'}, {x.numel()} parameters)")
+        key = None if hessian_key is None else hessian_key(x)
+        certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params, key,
+                                      gradient=lambda xx: _gradient(objective, xx))
+        if certificate.certified or rounds >= config.rounds:
             break
-        x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note)
-        if at_minimum or iterations >= config.max_iter or rounds >= config.rounds:
-            break
+        if certificate.eig_min < 0:
+            moved = escape_saddle(objective, x, lowest)
+            if moved is None:
+                break
+            x = moved
+            on_escape()
+        elif iterations >= config.max_iter or (not config.newton_polish and used == 0):
+            break                                # no negative curvature and nothing left to try
     gnorm = _grad_norm(objective, x)
-    bar.close(f"‖∇‖ {gnorm:.1e}, target {config.grad_tol:.0e}")
-    return TrainResult(x, float(objective(x)), gnorm, iterations, gnorm <= config.grad_tol)
+    bar.close(f"‖∇‖ {gnorm:.1e}, target {config.grad_tol:.0e}, λ_min {certificate.eig_min:.1e}"
+              + (f", {escaped[0]} saddle{'s' if escaped[0] > 1 else ''} escaped" if escaped[0] else ""))
+    return TrainResult(x, float(objective(x)), gnorm, iterations, gnorm <= config.grad_tol, certificate, escaped[0])
+
+
+def escape_saddle(objective: Objective, x: Tensor, direction: Tensor) -> Tensor | None:
+    """x ± t·direction (unit ``direction`` of negative curvature) for the first t in 1, 1/2, 1/4, ...
+    where either sign lowers the objective beyond rounding; the lower of the two signs. None: no step
+    lowers it (then ``direction`` was not downhill in either sign)."""
+    value = float(objective(x))
+    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(value), 1.0)
+    step = 1.0
+    while step > 1e-6:
+        candidates = [(x + sign * step * direction).detach() for sign in (1.0, -1.0)]
+        values = [float(objective(c)) for c in candidates]
+        best = min(range(2), key=lambda i: values[i])
+        if values[best] < value - slack:
+            return candidates[best]
+        step /= 2
+    return None
 
 
 def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
@@ -118,12 +181,15 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
 
 
 def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
-                  chord_steps: int = 20, on_note: Callable[[str], object] | None = None) -> tuple[Tensor, bool]:
+                  chord_steps: int = 20, on_note: Callable[[str], object] | None = None,
+                  on_escape: Callable[[], object] | None = None) -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
-    Near a minimum this is plain Newton and converges quadratically. Where the gradient has
-    vanished but the Hessian has a negative eigenvalue (a saddle, where influence functions do not
-    apply) it steps along that eigenvector and carries on, so training ends at a true minimum.
+    Near a minimum this is plain Newton and converges quadratically. Where a fresh Hessian has a
+    negative eigenvalue (beside a saddle, where influence functions do not apply, even when ‖∇‖ is
+    not yet below ``grad_tol``) it steps along that eigenvector, both signs tried (``escape_saddle``).
+    ``on_escape`` given: it is called after such a step and the polish returns, so the caller's
+    cheaper optimiser (L-BFGS) carries on from there; None: the polish carries on itself.
     A dense Hessian costs P Hessian-vector products, so each factorisation is reused (chord steps,
     at most ``chord_steps``) while every step still cuts ‖∇‖ at least fourfold; ``steps`` bounds the
     factorisations. Returns (x, reached a minimum: ‖∇‖ ≤ grad_tol with a positive definite Hessian,
@@ -149,18 +215,22 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         evals, evecs = torch.linalg.eigh(hessian)
         del hessian
         floor = 1e-10 * float(evals.abs().max())
+        if evals[0] < -floor:                 # negative curvature: go along it, whatever ‖∇‖ is
+            moved = escape_saddle(objective, x, evecs[:, 0])
+            if moved is not None:
+                x, value, saddles = moved, float(objective(moved)), saddles + 1
+                if on_escape is not None:
+                    on_escape()
+                    return x.detach(), False
+                continue
         for chord in range(chord_steps):
             gnorm = float(g.norm())
             at_stationary_point = gnorm <= grad_tol
             if at_stationary_point and evals[0] > 0:
                 return x.detach(), True
-            if at_stationary_point:   # saddle: both signs of the lowest eigenvector go downhill
-                if chord:
-                    break             # judge the saddle on a Hessian of this point
-                direction = evecs[:, 0] * (1.0 if float(g @ evecs[:, 0]) >= 0 else -1.0)
-                saddles += 1
-            else:
-                direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
+            if at_stationary_point and chord:
+                break                         # judge the point on a Hessian of its own
+            direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
             moved = _halving_step(objective, x, direction,
                                   lambda v: v < value or (v == value and not at_stationary_point))
             if moved is None:
@@ -175,7 +245,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
 
 
 def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
-                     cg_iters: int = 100, on_note: Callable[[str], object] | None = None) -> tuple[Tensor, bool]:
+                     cg_iters: int = 100, on_note: Callable[[str], object] | None = None,
+                     on_escape: Callable[[], object] | None = None) -> tuple[Tensor, bool]:
     """Hessian-free Newton steps for models too large for a dense Hessian (``newton_max_params``).
 
     Each step solves H d = ∇ by conjugate gradients on Hessian-vector products (at most ``cg_iters``,
@@ -183,7 +254,8 @@ def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: floa
     the largest of 1, 1/2, 1/4, ... that lowers the objective. CG stops at the first direction of
     non-positive curvature (Steihaug) and keeps what it has (the gradient if nothing yet), so a
     step always goes downhill. Returns (x, ‖∇‖ ≤ grad_tol with no negative curvature met in the
-    last solve).
+    last solve). ``on_escape`` is accepted for ``newton_polish``'s signature: the certificate after the
+    polish finds saddles here (Lanczos).
     """
     value = float(objective(x))
     for step in range(steps):
@@ -250,22 +322,35 @@ def _grad_norm(objective: Objective, x: Tensor) -> float:
 
 # ---- the two stages -----------------------------------------------------------------------------
 
+def perturbed(x: Tensor, config: TrainConfig, stream: int) -> Tensor:
+    """x·(1 + init_jitter·N(0, 1)) elementwise (``TrainConfig.init_jitter``): what another CPU's rounding
+    does to a trajectory, for sweeps. ``stream`` separates the stages' draws. x itself when 0."""
+    if not config.init_jitter:
+        return x
+    gen = torch.Generator(device="cpu").manual_seed(config.jitter_seed * 16 + stream)
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
+    return x * (1 + config.init_jitter * noise)
+
+
 def pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor | None = None,
              p0: Tensor | None = None, desc: str | None = "pretraining") -> TrainResult:
-    """p* = argmin L_P (example weights optional, denominator m fixed).
+    """p* = argmin L_P (example weights optional, denominator m fixed), certified (``TrainResult.certificate``).
 
     Chunk by chunk (memory O(chunk), not O(m)) when ``config.stream_chunk`` > 0 or the task's
-    pretraining inputs are ``LazyRows``; see ``precompute.streaming.pretraining_objective``.
+    pretraining inputs are ``LazyRows``; see ``precompute.streaming.pretraining_objective``. The
+    certificate's dense Hessian (unit weights only) is kept under ``hessian_key("pretrain", ...)``
+    for the influence solve at the same point.
     """
-    start = task.initial_pretrain_params() if p0 is None else p0
-    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc)
+    start = perturbed(task.initial_pretrain_params(), config, 0) if p0 is None else p0
+    key = (lambda x: hessian_key("pretrain", task, x)) if weights is None else None
+    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc, key)
 
 
 def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tensor | None = None,
                    desc: str | None = "finetuning (fixed)") -> TrainResult:
-    """U* = argmin_U L_F(θ*, U); returns q = [θ*; U*]."""
+    """U* = argmin_U L_F(θ*, U); returns q = [θ*; U*] (its certificate is over U, the free block)."""
     theta = task.theta_of(p).detach()
-    start = task.initial_u() if u0 is None else u0
+    start = perturbed(task.initial_u(), config, 1) if u0 is None else u0
     result = minimize(lambda u: task.finetune_objective(torch.cat([theta, u])), start, config, desc)
     result.params = torch.cat([theta, result.params])
     return result
@@ -293,14 +378,31 @@ class TrainedStages:
     def q(self, scenario: str) -> Tensor:
         return self.finetune[scenario].params
 
+    def stages(self, scenarios: tuple[str, ...] | None = None) -> dict[str, TrainResult]:
+        """{"pretraining": ..., "finetuning (<scenario>)": ...} for ``scenarios`` (default: all)."""
+        chosen = tuple(self.finetune) if scenarios is None else scenarios
+        return {"pretraining": self.pretrain, **{f"finetuning ({s})": self.finetune[s] for s in chosen}}
+
+    def require_certified(self, scenarios: tuple[str, ...] | None = None, damping: float = 0.0) -> None:
+        """Raises ``CertificateError`` naming the first stage that is not a certified minimum.
+
+        Exact influence is the derivative of a minimiser; a damped solve (``damping`` > 0) answers the
+        proximal question of its own (docs/design.md) and is allowed on any stage. A stage that was
+        never certified (built by hand) is not checked."""
+        if damping > 0:
+            return
+        for name, stage in self.stages(scenarios).items():
+            if stage.certificate is not None and not stage.certified:
+                raise CertificateError(stage.certificate.describe(name))
+
     @classmethod
     def from_params(cls, task: TwoStageTask, p: Tensor, q: dict[str, Tensor], alpha: float = 0.1,
                     grad_tol: float = TrainConfig.grad_tol) -> "TrainedStages":
         """Already-trained weights: p = [θ*; W] [P] and, per scenario, q = [θ; U] [Q].
 
         ``task.pretrain_params_from`` / ``finetune_params_from`` build the flat vectors from state
-        dicts. Each stage records its objective and gradient norm (``converged``: ‖∇‖ ≤ grad_tol),
-        because influence assumes a minimum; "fixed" must reuse θ* (the embedding was frozen) and
+        dicts. Each stage records its objective and certificate (‖∇‖ ≤ grad_tol and the smallest
+        Hessian eigenvalue > 0), because influence assumes a minimum; "fixed" must reuse θ* (the embedding was frozen) and
         "updated" needs the proximal α it was finetuned with.
         """
         p = p.detach().to(task.device, task.dtype)
@@ -314,14 +416,22 @@ class TrainedStages:
         anchor = task.theta_of(p)
         objectives = {"fixed": task.finetune_objective, "updated": lambda qq: task.finetune_objective(qq, anchor, alpha)}
 
-        def result(objective: Objective, x: Tensor, free: slice) -> TrainResult:
-            gnorm = float(_gradient(objective, x)[free].norm())
-            return TrainResult(x, float(objective(x)), gnorm, 0, gnorm <= grad_tol)
+        def result(objective: Objective, x: Tensor) -> TrainResult:
+            certificate, _ = certify(objective, x, grad_tol, TrainConfig.newton_max_params,
+                                     gradient=lambda xx: _gradient(objective, xx))
+            return TrainResult(x, float(objective(x)), certificate.grad_norm, 0,
+                               certificate.grad_norm <= grad_tol, certificate)
 
-        pre = result(pretraining_objective(task), p, slice(None))
-        # "fixed" optimises U only: its stationarity is that of the U block
-        finetuned = {s: result(objectives[s], qs, slice(task.n_theta, None) if s == "fixed" else slice(None))
-                     for s, qs in q.items()}
+        pre = result(pretraining_objective(task), p)
+        finetuned = {}
+        for s, qs in q.items():
+            if s == "fixed":                   # "fixed" optimises U only: its minimum is that of the U block
+                theta = task.theta_of(qs)
+                finetuned[s] = result(lambda u, theta=theta: task.finetune_objective(torch.cat([theta, u])),
+                                      qs[task.n_theta:])
+                finetuned[s].params = qs
+            else:
+                finetuned[s] = result(objectives[s], qs)
         return cls(pre, finetuned, alpha)
 
 

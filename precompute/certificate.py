@@ -1,0 +1,131 @@
+"""Minimum certificates: is a trained stage a strict local minimum, where influence is defined?
+
+A certificate is two numbers at the stage's final parameters x (docs/design.md, "Minima,
+certificates and seeds"):
+
+    grad_norm = ‖∇objective(x)‖₂          must be ≤ grad_tol
+    eig_min   = λ_min(∇²objective(x))     must be > 0
+
+``eig_min`` is exact (dense ``eigvalsh``) up to ``dense_max`` parameters and a Lanczos estimate on
+Hessian-vector products above. Lanczos's smallest Ritz value is a Rayleigh quotient, so it is an
+upper bound of λ_min: a negative one proves a saddle (its Ritz vector is a direction of negative
+curvature); a positive one is an estimate.
+
+Retrained models (many at once, ``batched_inertia``) are certified against the shared
+preconditioner M (SPD, the Hessian at the trained optimum): by Sylvester's law of inertia
+M^{-1/2} H_b M^{-1/2} has the same signs of eigenvalues as H_b, and it is close to I for a
+warm-started retraining, so a few Lanczos steps resolve its smallest eigenvalue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .curvature import batched_hvp, dense_hessian
+from .errors import PrecomputeError
+from .solvers import lanczos
+
+LANCZOS_STEPS = 64
+"""Krylov steps of the single-model Lanczos estimate above the dense limit (one HVP each)."""
+INERTIA_STEPS = 16
+"""Krylov steps of the batched inertia check of retrained models (one vmapped HVP each)."""
+
+
+class CertificateError(PrecomputeError, RuntimeError):
+    """A trained stage is not a certified minimum, so exact influence is undefined there."""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """grad_norm ≤ grad_tol and eig_min > 0 at a stage's parameters; ``method``: "dense" or "lanczos"."""
+
+    grad_norm: float
+    eig_min: float
+    grad_tol: float
+    method: str
+
+    @property
+    def certified(self) -> bool:
+        return self.grad_norm <= self.grad_tol and self.eig_min > 0
+
+    def summary(self) -> dict:
+        return {"grad_norm": self.grad_norm, "eig_min": self.eig_min, "certified": self.certified,
+                "grad_tol": self.grad_tol, "eig_method": self.method}
+
+    def describe(self, stage: str) -> str:
+        """One line: why ``stage`` is not certified, and what to change."""
+        why = []
+        if self.grad_norm > self.grad_tol:
+            why.append(f"‖∇‖ = {self.grad_norm:.1e} above the target {self.grad_tol:.0e}")
+        if not self.eig_min > 0:
+            why.append(f"smallest Hessian eigenvalue {self.eig_min:.2e} ≤ 0 (a saddle, not a minimum)")
+        return (f"{stage} is not at a certified minimum ({'; '.join(why) or 'unknown'}); influence is only defined "
+                "at one: raise --train-iters or --newton-steps, raise the L2 (--pretrain-l2/--finetune-l2), or try "
+                "another --seed")
+
+
+def lanczos_smallest(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LANCZOS_STEPS,
+                     seed: int = 0) -> tuple[float, Tensor]:
+    """(smallest Ritz value, its unit Ritz vector [D]) of the symmetric operator ``hvp`` ([D, k] -> [D, k]),
+    from ``steps`` (at most D) products (``solvers.lanczos``). The Ritz value is ≥ λ_min."""
+    q, ritz, small = lanczos(hvp, x.numel(), max(1, min(steps, x.numel())), x.dtype, x.device, seed,
+                             return_vectors=True)
+    vector = q @ small[:, 0]
+    return float(ritz[0]), vector / vector.norm()
+
+
+def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
+                       key: tuple | None = None) -> tuple[float, Tensor, str]:
+    """(λ_min, unit eigenvector [D], method) of ∇²objective(x): dense up to ``dense_max`` parameters
+    (``key`` shares the dense build, see ``curvature.dense_hessian``), Lanczos above."""
+    hvp = batched_hvp(objective, x)
+    if x.numel() <= dense_max:
+        evals, evecs = torch.linalg.eigh(dense_hessian(hvp, x.numel(), x.dtype, x.device, key=key))
+        return float(evals[0]), evecs[:, 0].clone(), "dense"
+    value, vector = lanczos_smallest(hvp, x)
+    return value, vector, "lanczos"
+
+
+def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, dense_max: int,
+            key: tuple | None = None, gradient: Callable[[Tensor], Tensor] | None = None) -> tuple[Certificate, Tensor]:
+    """The certificate of ``x`` and the eigenvector of its smallest Hessian eigenvalue (a way off a saddle).
+
+    ``gradient``: x -> ∇objective(x) when autograd through ``objective`` is not the way (streamed sets)."""
+    g = gradient(x) if gradient is not None else torch.func.grad(objective)(x.detach())
+    eig_min, vector, method = smallest_eigenpair(objective, x.detach(), dense_max, key)
+    return Certificate(float(g.norm()), eig_min, grad_tol, method), vector
+
+
+def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor], Tensor], b: int, dim: int,
+                    dtype: torch.dtype, device: torch.device, steps: int = INERTIA_STEPS, seed: int = 0) -> Tensor:
+    """[B] smallest eigenvalue estimates of A_b = S H_b S, S = M^{-1/2} (``inv_sqrt``: rows [B, D] -> S rows),
+    with ``hvp``: rows [B, D] -> H_b rows. A_b has the inertia of H_b (Sylvester), so its sign is the
+    sign of λ_min(H_b); A_b = I exactly when H_b = M. Batched Lanczos with full reorthogonalisation."""
+    steps = max(1, min(steps, dim))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
+    q = q / q.norm(dim=1, keepdim=True)
+    basis = torch.zeros(b, steps, dim, dtype=dtype, device=device)
+    tri = torch.zeros(b, steps, steps, dtype=torch.float64, device=device)
+    for j in range(steps):
+        basis[:, j] = q
+        w = inv_sqrt(hvp(inv_sqrt(q)))
+        tri[:, j, j] = (w * q).sum(1).double()
+        for _ in range(2):
+            w = w - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", basis[:, : j + 1], w), basis[:, : j + 1])
+        if j == steps - 1:
+            break
+        beta = w.norm(dim=1)
+        tri[:, j, j + 1] = tri[:, j + 1, j] = beta.double()
+        # an exhausted Krylov space (beta 0) restarts with a fresh random direction, orthogonalised
+        fresh = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
+        fresh = fresh - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", basis[:, : j + 1], fresh),
+                                     basis[:, : j + 1])
+        tiny = beta <= 1e-12
+        tri[tiny, j, j + 1] = tri[tiny, j + 1, j] = 0.0
+        q = torch.where(tiny[:, None], fresh / fresh.norm(dim=1, keepdim=True), w / beta.clamp_min(1e-300)[:, None])
+    return torch.linalg.eigvalsh(tri)[:, 0].to(dtype)

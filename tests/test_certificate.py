@@ -1,0 +1,70 @@
+"""Minimum certificates: λ_min by dense eigvalsh, by Lanczos, and the batched inertia check of retrainings,
+each against a brute-force eigendecomposition."""
+
+from __future__ import annotations
+
+import torch
+
+from precompute.certificate import Certificate, batched_inertia, certify, lanczos_smallest
+
+
+def _symmetric(dim: int, lowest: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=gen))
+    evals = torch.logspace(-2, 1, dim, dtype=torch.float64)
+    evals[0] = lowest
+    return (q * evals) @ q.T
+
+
+def test_certify_dense_and_lanczos_find_the_smallest_eigenvalue_of_a_quadratic():
+    for lowest in (3e-3, -5e-2):
+        h = _symmetric(40, lowest, seed=1)
+        objective = lambda x, h=h: 0.5 * x @ h @ x
+        x = torch.zeros(40, dtype=torch.float64)
+        dense, vector = certify(objective, x, grad_tol=1e-9, dense_max=100)
+        assert dense.method == "dense" and abs(dense.eig_min - lowest) < 1e-12
+        assert torch.allclose((h @ vector).abs(), (lowest * vector).abs(), atol=1e-10)
+        assert dense.certified == (lowest > 0)
+        lanczos, vector = certify(objective, x, grad_tol=1e-9, dense_max=10)
+        assert lanczos.method == "lanczos"
+        # a Ritz value is a Rayleigh quotient: never below λ_min, and 40 steps span the whole space
+        assert lanczos.eig_min >= lowest - 1e-10 and abs(lanczos.eig_min - lowest) < 1e-8
+        assert float(vector @ h @ vector) < 0 if lowest < 0 else True
+
+
+def test_lanczos_proves_a_saddle_in_fewer_steps_than_dimensions():
+    """Negative curvature is found by a Rayleigh quotient, so a negative Ritz value is proof, not estimate."""
+    h = _symmetric(300, -0.5, seed=2)
+    value, vector = lanczos_smallest(lambda v: h @ v, torch.zeros(300, dtype=torch.float64), steps=40)
+    assert value < 0 and abs(float(vector @ h @ vector) - value) < 1e-10
+    assert value >= float(torch.linalg.eigvalsh(h)[0]) - 1e-12
+
+
+def test_certificate_needs_both_a_small_gradient_and_positive_curvature():
+    assert Certificate(1e-10, 1e-4, 1e-9, "dense").certified
+    assert not Certificate(2e-9, 1e-4, 1e-9, "dense").certified
+    assert not Certificate(1e-10, -1e-4, 1e-9, "dense").certified
+    assert not Certificate(1e-10, 0.0, 1e-9, "dense").certified
+    assert not Certificate(1e-10, float("nan"), 1e-9, "dense").certified
+
+
+def test_batched_inertia_has_the_sign_of_each_models_smallest_eigenvalue():
+    """S H_b S with S = M^{-1/2}: same inertia as H_b (Sylvester); near I when H_b is near M."""
+    dim, models = 30, 6
+    base = _symmetric(dim, 1e-2, seed=3)
+    evals, evecs = torch.linalg.eigh(base)
+    inv_sqrt = lambda rows: ((rows @ evecs) * evals.rsqrt()) @ evecs.T
+    gen = torch.Generator().manual_seed(4)
+    hs = []
+    for b in range(models):
+        d = torch.randn(dim, dim, dtype=torch.float64, generator=gen)
+        scale = [1e-4, 1e-3, 5e-3, 2e-2, 5e-2, 0.2][b]
+        hs.append(base + scale * (d + d.T) / 2)
+    hs = torch.stack(hs)
+    estimate = batched_inertia(lambda rows: torch.einsum("bij,bj->bi", hs, rows), inv_sqrt, models, dim,
+                               torch.float64, torch.device("cpu"), steps=dim)
+    truth = torch.linalg.eigvalsh(hs)[:, 0]
+    assert torch.equal(estimate > 0, truth > 0), (estimate, truth)
+    assert (truth < 0).any() and (truth > 0).any()                       # both kinds were exercised
+    preconditioned = torch.linalg.eigvalsh(inv_sqrt(inv_sqrt(hs).transpose(1, 2)))[:, 0]
+    torch.testing.assert_close(estimate, preconditioned, rtol=1e-8, atol=1e-10)
