@@ -31,6 +31,8 @@ from .solvers import lanczos
 
 LANCZOS_STEPS = 64
 """Krylov steps of the single-model Lanczos estimate above the dense limit (one HVP each)."""
+ROUNDING_FACTOR = 10.0
+"""Safety factor of the gradient's rounding floor (``Certificate.grad_floor``)."""
 INERTIA_STEPS = 16
 """Krylov steps of the batched inertia check of retrained models (one vmapped HVP each)."""
 
@@ -47,20 +49,24 @@ class Certificate:
     eig_min: float
     grad_tol: float
     method: str
+    grad_floor: float = 0.0
+    """The rounding floor of ‖∇‖ at x: ROUNDING_FACTOR · eps · λ_max · max(‖x‖, 1). A gradient is computed
+    to about eps·‖H‖·‖x‖, so a stiff stage (a large α) cannot show a smaller one: below the floor the
+    point is stationary to working precision, whatever ``grad_tol`` asks."""
 
     @property
     def certified(self) -> bool:
-        return self.grad_norm <= self.grad_tol and self.eig_min > 0
+        return self.grad_norm <= max(self.grad_tol, self.grad_floor) and self.eig_min > 0
 
     def summary(self) -> dict:
         return {"grad_norm": self.grad_norm, "eig_min": self.eig_min, "certified": self.certified,
-                "grad_tol": self.grad_tol, "eig_method": self.method}
+                "grad_tol": self.grad_tol, "grad_floor": self.grad_floor, "eig_method": self.method}
 
     def describe(self, stage: str) -> str:
         """One line: why ``stage`` is not certified, and what to change."""
         why = []
-        if self.grad_norm > self.grad_tol:
-            why.append(f"‖∇‖ = {self.grad_norm:.1e} above the target {self.grad_tol:.0e}")
+        if self.grad_norm > max(self.grad_tol, self.grad_floor):
+            why.append(f"‖∇‖ = {self.grad_norm:.1e} above the target {max(self.grad_tol, self.grad_floor):.0e}")
         if not self.eig_min > 0:
             why.append(f"smallest Hessian eigenvalue {self.eig_min:.2e} ≤ 0 (a saddle, not a minimum)")
         return (f"{stage} is not at a certified minimum ({'; '.join(why) or 'unknown'}); influence is only defined "
@@ -79,15 +85,17 @@ def lanczos_smallest(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LA
 
 
 def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
-                       key: tuple | None = None) -> tuple[float, Tensor, str]:
-    """(λ_min, unit eigenvector [D], method) of ∇²objective(x): dense up to ``dense_max`` parameters
-    (``key`` shares the dense build, see ``curvature.dense_hessian``), Lanczos above."""
+                       key: tuple | None = None) -> tuple[float, Tensor, str, float]:
+    """(λ_min, unit eigenvector [D], method, largest |eigenvalue|) of ∇²objective(x): dense up to
+    ``dense_max`` parameters (``key`` shares the dense build, see ``curvature.dense_hessian``), Lanczos above."""
     hvp = batched_hvp(objective, x)
     if x.numel() <= dense_max:
         evals, evecs = torch.linalg.eigh(dense_hessian(hvp, x.numel(), x.dtype, x.device, key=key))
-        return float(evals[0]), evecs[:, 0].clone(), "dense"
-    value, vector = lanczos_smallest(hvp, x)
-    return value, vector, "lanczos"
+        return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
+    q, ritz, small = lanczos(hvp, x.numel(), min(LANCZOS_STEPS, x.numel()), x.dtype, x.device, 0,
+                             return_vectors=True)
+    vector = q @ small[:, 0]
+    return float(ritz[0]), vector / vector.norm(), "lanczos", float(ritz.abs().max())
 
 
 def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, dense_max: int,
@@ -96,8 +104,9 @@ def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, d
 
     ``gradient``: x -> ∇objective(x) when autograd through ``objective`` is not the way (streamed sets)."""
     g = gradient(x) if gradient is not None else torch.func.grad(objective)(x.detach())
-    eig_min, vector, method = smallest_eigenpair(objective, x.detach(), dense_max, key)
-    return Certificate(float(g.norm()), eig_min, grad_tol, method), vector
+    eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, key)
+    floor = ROUNDING_FACTOR * torch.finfo(x.dtype).eps * eig_max * max(float(x.norm()), 1.0)
+    return Certificate(float(g.norm()), eig_min, grad_tol, method, floor), vector
 
 
 def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor], Tensor], b: int, dim: int,

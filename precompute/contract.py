@@ -19,6 +19,9 @@ PRETRAIN_COLUMNS = ("id", "label", "label_name", "source", "pretrain_loss", "pre
 TEST_COLUMNS = ("id", "label", "label_name", "source")      # + pred_<s>, loss_<s>, correct_<s> per scenario
 NOISE_COLUMNS = ("original_label", "flipped")               # pretrain.parquet of runs with label noise
 PAIRS_COLUMNS = ("scenario", "test_id", "pretrain_id", "kind", "predicted", "actual", "grad_norm", "converged")
+PAIRS_CERTIFICATE_COLUMNS = ("eig_min", "reason")
+"""pairs.parquet since the certificates: the retrained chain's smallest Hessian eigenvalue estimate (sign-faithful,
+NaN where not checked) and why a pair does not count ("" when it does; runs written earlier lack both)."""
 GROUP_COLUMNS = ("scenario", "test_id", "kind", "percent", "n_removed", "predicted", "actual", "accuracy_change",
                  "converged")
 NON_SIGNAL_COLUMNS = ("id", "suggested_label", "flipped")  # cleaning/signals.parquet: every other float column is a signal

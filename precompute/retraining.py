@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, jvp, vmap
 from . import progress as progress_report
+from .certificate import batched_inertia
 from .config import ValidationConfig
 from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key
 from .errors import PrecomputeError
@@ -130,6 +131,7 @@ class StageFit:
     grad_norm: Tensor     # [B] final ‖∇objective‖₂
     converged: Tensor     # [B] bool, grad_norm <= tol
     iterations: int       # steps taken by the slowest model
+    stalled: Tensor | None = None   # [B] bool: no step lowered the objective (the rounding floor)
 
 
 def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Preconditioner,
@@ -193,7 +195,7 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
         gnorm = g.norm(dim=1)
         if on_iter is not None:
             on_iter(iterations, gnorm)
-    return StageFit(x, gnorm, gnorm <= tol, iterations)
+    return StageFit(x, gnorm, gnorm <= tol, iterations, stalled & (gnorm > tol))
 
 
 def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[Tensor], Tensor]) -> Tensor:
@@ -230,6 +232,7 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     fit = preconditioned_lbfgs(objective, x0, data, shared, tol, max_iter if large else min(max_iter, SHARED_ITERS),
                                on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
+    stalled = fit.stalled.clone()
     while not large and not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
         left = (~conv).nonzero()[:, 0]
@@ -244,10 +247,10 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
 
             sub = preconditioned_lbfgs(objective, x[group], data[group], own, tol, steps,
                                        on_iter=sub_iter if on_iter is not None else None)
-            x[group], gnorm[group], conv[group] = sub.params, sub.grad_norm, sub.converged
+            x[group], gnorm[group], conv[group], stalled[group] = sub.params, sub.grad_norm, sub.converged, sub.stalled
             built += len(group)
         used += steps
-    return StageFit(x, gnorm, conv, used), built
+    return StageFit(x, gnorm, conv, used, stalled), built
 
 
 @dataclass
@@ -265,14 +268,49 @@ class RetrainResult:
     # optimum), i.e. the parameter change the influence function assumes. A retrained p_b far from
     # it (see ``left_basin``) slid to another basin rather than following the local optimum.
     p_linear: Tensor | None = None
+    # "pretrain" | scenario -> [B]: smallest eigenvalue of M^{-1/2} H_b M^{-1/2} (M the stage's shared
+    # preconditioner), whose sign is that of λ_min(H_b) (``certificate.batched_inertia``); NaN: not checked.
+    eig_min: dict[str, Tensor] = field(default_factory=dict)
+    stalled: dict[str, Tensor] = field(default_factory=dict)   # "pretrain" | scenario -> [B] bool
 
     def chain_grad_norm(self, scenario: str) -> Tensor:
         """[B]: max of the pretraining and that scenario's finetuning gradient norms."""
         return torch.maximum(self.grad_norm["pretrain"], self.grad_norm[scenario])
 
     def chain_converged(self, scenario: str) -> Tensor:
-        """[B] bool: both stages of that scenario converged."""
-        return self.converged["pretrain"] & self.converged[scenario]
+        """[B] bool: both stages of that scenario reached a certified minimum (‖∇‖ ≤ tol, and no
+        negative curvature where it was checked)."""
+        return self.converged["pretrain"] & self.converged[scenario] & ~self.lost_minimum(scenario)
+
+    def lost_minimum(self, scenario: str) -> Tensor:
+        """[B] bool: a stage of the chain ends where its Hessian has a non-positive eigenvalue."""
+        out = torch.zeros_like(self.converged["pretrain"])
+        for k in ("pretrain", scenario):
+            if k in self.eig_min:
+                out |= ~(self.eig_min[k] > 0) & ~self.eig_min[k].isnan()
+        return out
+
+    def reasons(self, scenario: str, left_basin: Tensor | None = None) -> list[str]:
+        """Per model, why its chain does not count ("" when it does): "lost the minimum" (negative
+        curvature at the end), "stalled" (no step lowers the objective any more, above tol), "iteration
+        cap"; converged models whose pretraining slid elsewhere (``left_basin``) say "left the basin"."""
+        lost = self.lost_minimum(scenario)
+        conv = self.converged["pretrain"] & self.converged[scenario]
+        stalled = torch.zeros_like(conv)
+        for k in ("pretrain", scenario):
+            if k in self.stalled:
+                stalled |= self.stalled[k]
+        out = []
+        for b in range(len(conv)):
+            if bool(lost[b]):
+                out.append("lost the minimum")
+            elif not bool(conv[b]):
+                out.append("stalled" if bool(stalled[b]) else "iteration cap")
+            elif left_basin is not None and bool(left_basin[b]):
+                out.append("left the basin")
+            else:
+                out.append("")
+        return out
 
     def left_basin(self, reference: int = 0, ratio: float = 3.0, cosine: float = 0.8) -> Tensor:
         """[B] bool heuristic: the pretraining change p_b − p_ref is over ``ratio`` times longer than the
@@ -332,11 +370,29 @@ class Retrainer:
             fits[s], built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
                                             tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"))
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
+        data = {"pretrain": weights, **{s: theta for s in self.scenarios}}
+        eig_min = {k: self.inertia(k, fit.params, data[k]) for k, fit in fits.items()}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
         return RetrainResult(fits["pretrain"].params, q, {k: f.grad_norm for k, f in fits.items()},
                              {k: f.converged for k, f in fits.items()}, {k: f.iterations for k, f in fits.items()},
-                             built, p_linear=start - self.precond["pretrain"](g0, None))
+                             built, p_linear=start - self.precond["pretrain"](g0, None), eig_min=eig_min,
+                             stalled={k: f.stalled for k, f in fits.items()})
+
+    def inertia(self, stage: str, x: Tensor, data: Tensor) -> Tensor:
+        """[B] sign-faithful λ_min estimates of each retrained model's Hessian in ``stage``
+        (``certificate.batched_inertia`` against the stage's shared dense M); NaN with a low-rank M."""
+        precond = self.precond[stage]
+        if not isinstance(precond, Preconditioner) or precond.vecs.dim() != 2:
+            return torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
+        vecs, scale = precond.vecs, precond.inv.sqrt()
+        grad_f = grad(self.objectives[stage])
+
+        def hvp_rows(v: Tensor) -> Tensor:
+            return vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])(x, data, v)
+
+        return batched_inertia(hvp_rows, lambda rows: ((rows @ vecs) * scale) @ vecs.T, len(x), x.shape[1],
+                               x.dtype, x.device)
 
 
 def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config: ValidationConfig,
@@ -383,6 +439,8 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
         iterations={k: max(r.iterations[k] for r in parts) for k in keys},
         refreshed={k: sum(r.refreshed[k] for r in parts) for k in keys},
         p_linear=torch.cat([r.p_linear for r in parts]),
+        eig_min={k: cat(lambda r: r.eig_min, k) for k in keys},
+        stalled={k: cat(lambda r: r.stalled, k) for k in keys},
         seconds=time.perf_counter() - start)
 
 

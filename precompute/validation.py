@@ -23,7 +23,7 @@ from torch.func import vmap
 
 from .config import ValidationConfig
 from .contract import GROUP_COLUMNS
-from .contract import PAIRS_COLUMNS as PAIR_COLUMNS
+from .contract import PAIRS_CERTIFICATE_COLUMNS, PAIRS_COLUMNS as PAIR_COLUMNS
 from .metrics import average_ranks, fit_summary, pearson, slope, spearman
 from .retraining import HISTORY, MAX_HALVINGS, RetrainResult, retrain
 from .task import TaskError, TwoStageTask
@@ -143,7 +143,8 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
     result = retrain(task, trained, weights, config, scenarios=scenarios, progress=progress)
     ids_t = task.check_test_ids(val_ids)
     left = result.left_basin().cpu().numpy()
-    loss, acc, conv, gnorm = {}, {}, {}, {}
+    loss, acc, conv, gnorm, reasons, eig = {}, {}, {}, {}, {}, {}
+    left_t = result.left_basin()
     for s in scenarios:
         loss[s], acc[s] = _readouts(task, result, s, ids_t)
         loss[s] = loss[s] - loss[s][0]              # actual change vs the no-removal model (row 0)
@@ -152,9 +153,14 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
         c = result.chain_converged(s).cpu().numpy()
         conv[s] = c & c[0]
         gnorm[s] = result.chain_grad_norm(s).cpu().numpy().astype(np.float64)
+        reasons[s] = result.reasons(s, left_t)
+        if not c[0]:                                # every pair hangs on the no-removal reference
+            reasons[s] = [r or "reference not converged" for r in reasons[s]]
+        eig[s] = torch.minimum(result.eig_min["pretrain"], result.eig_min[s]).cpu().numpy().astype(np.float64)
 
-    pairs = pd.DataFrame([(s, val_ids[r], z, kind, pred, loss[s][b, r], gnorm[s][b], bool(conv[s][b]))
-                          for s, r, z, kind, pred, b in loo], columns=PAIR_COLUMNS)
+    pairs = pd.DataFrame([(s, val_ids[r], z, kind, pred, loss[s][b, r], gnorm[s][b], bool(conv[s][b]),
+                           eig[s][b], reasons[s][b])
+                          for s, r, z, kind, pred, b in loo], columns=[*PAIR_COLUMNS, *PAIRS_CERTIFICATE_COLUMNS])
     groups = pd.DataFrame([(s, val_ids[r], kind, pc, n, pred, loss[s][b, r], acc[s][b], bool(conv[s][b]))
                            for s, r, kind, pc, n, pred, b in group], columns=GROUP_COLUMNS)
     pair_left = np.array([left[b] for *_, b in loo], dtype=bool)
@@ -235,6 +241,9 @@ def _pair_summary(rows: pd.DataFrame, left_basin: np.ndarray) -> dict:
     rand = ok[ok.kind == "random"]
     out["spearman_random"] = spearman(rand.predicted.to_numpy(), rand.actual.to_numpy())
     out["n_not_converged"] = int((~conv).sum())
+    if "reason" in rows:
+        # why each uncounted retraining does not count: iteration cap, stalled, lost the minimum
+        out["not_converged_reasons"] = {str(k): int(n) for k, n in rows[~conv].reason.value_counts().items()}
     # Pairs whose retraining slid to another basin (RetrainResult.left_basin): counted, and the fit
     # is also given without them, to separate the score's accuracy from non-local jumps.
     local = rows[conv & ~left_basin]

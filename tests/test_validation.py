@@ -157,7 +157,8 @@ def test_statistics_match_scipy():
 
 def test_leave_one_out_pairs(validated):
     pairs = validated.pairs
-    assert tuple(pairs.columns) == PAIR_COLUMNS
+    assert tuple(pairs.columns) == (*PAIR_COLUMNS, "eig_min", "reason")
+    assert (pairs.eig_min > 0).all() and (pairs.reason == "").all()      # every retraining a certified minimum
     # 4 test points x 2 scenarios x 3 kinds x k=4
     assert len(pairs) == 4 * 2 * 3 * 4
     assert set(pairs.kind) == {"helpful", "harmful", "random"} and pairs.converged.all()
