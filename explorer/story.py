@@ -105,6 +105,16 @@ def converged_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs[pairs["converged"].astype(bool)]
 
 
+def hollow_reasons(pairs: pd.DataFrame) -> str:
+    """Why the uncounted retrainings do not count, most common first: "2 iteration cap, 1 lost the
+    minimum" ("" when every pair counts, or the run predates the ``reason`` column)."""
+    if "converged" not in pairs or "reason" not in pairs:
+        return ""
+    hollow = pairs[~pairs["converged"].astype(bool)]
+    counts = hollow["reason"].fillna("").replace("", "not converged").value_counts()
+    return ", ".join(f"{int(n)} {reason}" for reason, n in counts.items())
+
+
 def retrained_marks(ranking: pd.DataFrame, evidence: pd.DataFrame) -> dict[int, float]:
     """{pretrain_id: actual loss change} for the shown examples that were actually removed and retrained."""
     if evidence.empty or ranking.empty:

@@ -51,38 +51,53 @@ def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.d
                   block: int = 256, key: tuple | None = None) -> Tensor:
     """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``.
 
-    ``key`` (for example ``hessian_key("pretrain", task, p)``) names the matrix: the last keyed one
-    of at most ``SHARED_HESSIAN_MAX_DIM`` rows is kept until ``release_hessian(key)``, so the
-    influence solve and the retraining preconditioner at the same trained point share one build
-    (``dim`` products each otherwise)."""
-    global _LAST_HESSIAN
-    if key is not None and _LAST_HESSIAN[0] == key:
-        return _LAST_HESSIAN[1]
+    ``key`` (``hessian_key("pretrain", task, p)`` or ``updated_hessian_key(...)``) names the matrix: the
+    last keyed one per stage name (key[0]) of at most ``SHARED_HESSIAN_MAX_DIM`` rows is kept until
+    ``release_hessian(key)``, so the training certificate, the influence solve and the retraining
+    preconditioner at the same trained point share one build (``dim`` products each otherwise)."""
+    if key is not None and key[0] in _KEPT and _KEPT[key[0]][0] == key:
+        return _KEPT[key[0]][1]
     eye = torch.eye(dim, dtype=dtype, device=device)
     h = torch.cat([hvp(eye[:, i: i + block]) for i in range(0, dim, block)], dim=1)
     h = 0.5 * (h + h.T)
     if key is not None and dim <= SHARED_HESSIAN_MAX_DIM:
-        _LAST_HESSIAN = (key, h)
+        _KEPT[key[0]] = (key, h)
     return h
 
 
 SHARED_HESSIAN_MAX_DIM = 5000
 """Largest Hessian kept for sharing (200 MB in float64); also the retraining's dense limit
 (``retraining.MAX_DENSE_PARAMS``), above which retraining builds no dense Hessian to share it with."""
-_LAST_HESSIAN: tuple[tuple | None, Tensor | None] = (None, None)
+_KEPT: dict[str, tuple[tuple, Tensor]] = {}
+"""Stage name -> (key, dense Hessian): at most one kept matrix per stage ("pretrain", "updated")."""
+
+
+def kept_hessian_keys() -> list[tuple]:
+    """The keys of the dense Hessians kept for sharing now (diagnostics and tests)."""
+    return [key for key, _ in _KEPT.values()]
 
 
 def release_hessian(key: tuple) -> None:
     """Drops the kept Hessian if it is ``key``'s (its last user is done with it)."""
-    global _LAST_HESSIAN
-    if _LAST_HESSIAN[0] == key:
-        _LAST_HESSIAN = (None, None)
+    if key[0] in _KEPT and _KEPT[key[0]][0] == key:
+        del _KEPT[key[0]]
+
+
+def release_kept_hessians() -> None:
+    """Drops every kept Hessian (the end of a run, whatever happened in it)."""
+    _KEPT.clear()
 
 
 def hessian_key(what: str, task, point: Tensor) -> tuple:
     """Identifies a stage's Hessian: the stage, the task object and the exact bytes of the point."""
     digest = hashlib.sha1(point.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return (what, id(task), str(point.dtype), digest)
+
+
+def updated_hessian_key(task, q: Tensor, anchor: Tensor, alpha: float) -> tuple:
+    """Key of ∇²[L_F(q) + (α/2)‖θ − anchor‖²] at q (the "updated" finetune stage): point, anchor and α."""
+    return hessian_key("updated", task, torch.cat([q.detach().flatten(), anchor.detach().flatten(),
+                                                   torch.tensor([alpha], dtype=q.dtype, device=q.device)]))
 
 
 def distributed_hvp(objective_per_shard: Callable[[Tensor], Tensor] | None, x: Tensor, l2: float = 0.0,

@@ -35,7 +35,8 @@ from torch.func import jacrev
 from . import progress as progress_report
 from .config import InfluenceConfig, SolverConfig
 from .contract import SCORE_DEFINITION
-from .curvature import batched_hvp, distributed_pretrain_hvp, finetune_curvature, hessian_key, pretrain_curvature
+from .curvature import (batched_hvp, distributed_pretrain_hvp, finetune_curvature, hessian_key, pretrain_curvature,
+                        updated_hessian_key)
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
 from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS,
                       add_precision_check, directional_derivatives,
@@ -136,6 +137,8 @@ def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor,
     else:
         hvp = finetune_curvature(task, q, anchor.detach(), alpha, config.curvature)
         solver = solver_for(hvp, task.n_finetune_params, config, q.dtype, q.device)
+        if isinstance(solver, ExactSolver) and config.curvature == "hessian":
+            solver.hessian_key = updated_hessian_key(task, q, anchor, alpha)   # the training certificate's build
     u, diag = solver.solve(grads)
     return EmbeddingSensitivity(alpha * u[: task.n_theta], {"finetune_solve": diag.as_dict()})
 

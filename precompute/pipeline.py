@@ -20,7 +20,7 @@ from . import progress as progress_report
 from .config import RunConfig
 from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
                           rank_zero_compute, rank_zero_writer)
-from .curvature import hessian_key, release_hessian
+from .curvature import release_kept_hessians
 from .ekfac import with_factor_cache
 from .influence import multi_stage_scores
 from .models import embedding_units
@@ -191,32 +191,35 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             if is_lazy(task):
                 check_streamable(config, data)
                 config = replace(config, scores_to_disk=True)       # [T, m] scores may not fit in memory
-        with timer.step("train"):
-            trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
-                                        config.influence.scenarios, progress=progress, device=device,
-                                        what="training")
-            influence_damping = min(config.influence.pretrain_solver.damping, config.influence.finetune_solver.damping)
-            # one line naming the stage, before any solver runs on it (every rank raises: ``trained`` is broadcast)
-            trained.require_certified(config.influence.scenarios, influence_damping)
-        preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
-        if explicit_ids:
-            test_ids = explicit_ids
-        else:
-            first = preds[config.influence.scenarios[0]][0]
-            test_ids = broadcast_object(choose_test_points(
-                data.finetune_test.labels, first == data.finetune_test.labels, config.n_test_points))
-        with timer.step("influence"):
-            # ekfac/pcg: the EK-FAC factors are saved in the run (factors/*.safetensors) and reused
-            influence = with_factor_cache(config.influence, writer.path / "factors" if writer else None)
-            scores, diagnostics = multi_stage_scores(
-                task, trained, test_ids, influence, progress=progress,
-                out_dir=writer.path if config.scores_to_disk and main else None,
-                distributed_solve=config.influence.distributed_solve and world > 1)
-        manifest = None
-        with agreed("validating and writing the run"):
-            if main:
-                manifest = write_run(writer, data, task, trained, scores, diagnostics, preds, test_ids,
-                                     config, timer, progress, device, world)
+        try:
+            with timer.step("train"):
+                trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
+                                            config.influence.scenarios, progress=progress, device=device,
+                                            what="training")
+                influence_damping = min(config.influence.pretrain_solver.damping, config.influence.finetune_solver.damping)
+                # one line naming the stage, before any solver runs on it (every rank raises: ``trained`` is broadcast)
+                trained.require_certified(config.influence.scenarios, influence_damping)
+            preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
+            if explicit_ids:
+                test_ids = explicit_ids
+            else:
+                first = preds[config.influence.scenarios[0]][0]
+                test_ids = broadcast_object(choose_test_points(
+                    data.finetune_test.labels, first == data.finetune_test.labels, config.n_test_points))
+            with timer.step("influence"):
+                # ekfac/pcg: the EK-FAC factors are saved in the run (factors/*.safetensors) and reused
+                influence = with_factor_cache(config.influence, writer.path / "factors" if writer else None)
+                scores, diagnostics = multi_stage_scores(
+                    task, trained, test_ids, influence, progress=progress,
+                    out_dir=writer.path if config.scores_to_disk and main else None,
+                    distributed_solve=config.influence.distributed_solve and world > 1)
+            manifest = None
+            with agreed("validating and writing the run"):
+                if main:
+                    manifest = write_run(writer, data, task, trained, scores, diagnostics, preds, test_ids,
+                                         config, timer, progress, device, world)
+        finally:
+            release_kept_hessians()          # shared by certificates, solves, retraining and baselines: done
         path = commit_after_barrier(writer, manifest)
     return RunSummary(path, manifest or {})
 
@@ -245,7 +248,6 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
                             "cleaning/retrain.parquet": cleaning.retrain}
         evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
     # the exact solves of influence, retraining and baselines shared one pretraining Hessian: done with it
-    release_hessian(hessian_key("pretrain", task, trained.p.detach()))
 
     with timer.step("write files"):
         pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)

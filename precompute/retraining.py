@@ -40,7 +40,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from . import progress as progress_report
 from .certificate import batched_inertia
 from .config import ValidationConfig
-from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key
+from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .errors import PrecomputeError
 from .task import TwoStageTask
 from .training import TrainedStages
@@ -349,9 +349,11 @@ class Retrainer:
                      "updated": task.theta_of(trained.p).detach()}
         # The pretraining Hessian at p* is the one the exact influence solve built (``hessian_key``); the
         # baselines' single-stage solve uses it after retraining, and the pipeline releases it.
-        key = hessian_key("pretrain", task, self.start["pretrain"])
+        keys = {"pretrain": hessian_key("pretrain", task, self.start["pretrain"])}
+        if "updated" in self.scenarios:
+            keys["updated"] = updated_hessian_key(task, self.start["updated"], base_data["updated"], alpha)
         self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k,
-                                             key if k == "pretrain" else None)
+                                             keys.get(k))
                         for k in ("pretrain", *self.scenarios)}
 
     def run(self, weights: Tensor, tol: float, max_iter: int,

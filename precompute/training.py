@@ -25,7 +25,7 @@ from torch import Tensor
 from . import progress as progress_report
 from .config import TrainConfig
 from .certificate import Certificate, CertificateError, certify
-from .curvature import batched_hvp, dense_hessian, hessian_key
+from .curvature import batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
@@ -358,9 +358,11 @@ def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tenso
 
 def finetune_updated(task: TwoStageTask, p: Tensor, alpha: float, config: TrainConfig,
                      q0: Tensor, desc: str | None = "finetuning (updated)") -> TrainResult:
-    """(θ_ft, U*) = argmin L_F(θ, U) + (α/2)‖θ − θ*‖², started at q0 (usually [θ*; U*_fixed])."""
+    """(θ_ft, U*) = argmin L_F(θ, U) + (α/2)‖θ − θ*‖², started at q0 (usually [θ*; U*_fixed]); the
+    certificate's dense Hessian is kept under ``updated_hessian_key`` for the influence solve and retraining."""
     anchor = task.theta_of(p).detach()
-    return minimize(lambda q: task.finetune_objective(q, anchor, alpha), q0, config, desc)
+    return minimize(lambda q: task.finetune_objective(q, anchor, alpha), q0, config, desc,
+                    lambda q: updated_hessian_key(task, q, anchor, alpha))
 
 
 @dataclass

@@ -249,9 +249,11 @@ def write_synthetic_run(
                         "scenario": s, "test_id": int(t), "pretrain_id": int(pid), "kind": kind,
                         "predicted": pred, "actual": 1.8 * pred + float(rng.normal(0, 1.2e-3)),
                         "grad_norm": float(rng.uniform(1e-8, 1e-6)), "converged": True,
+                        "eig_min": float(rng.uniform(1e-4, 1e-2)), "reason": "",
                     })
             for r in pairs_rows[start: start + unconverged]:
-                r.update(actual=-5.0 * r["predicted"] + 0.5, grad_norm=0.3, converged=False)
+                r.update(actual=-5.0 * r["predicted"] + 0.5, grad_norm=0.3, converged=False,
+                         reason="iteration cap")
             for kind in ("helpful", "harmful", "random"):
                 for pct in (1.0, 2.0, 5.0, 10.0):
                     n_rm = max(1, int(round(m * pct / 100)))

@@ -126,7 +126,7 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     from precompute.influence import pretrain_solver
 
     task, trained = tiny
-    monkeypatch.setattr(curvature, "_LAST_HESSIAN", (None, None))
+    monkeypatch.setattr(curvature, "_KEPT", {})
     solver = pretrain_solver(task, trained.p, SolverConfig("exact"))
     solver.eigh()
     products = []
@@ -138,7 +138,7 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     monkeypatch.setattr(retraining, "batched_hvp", counting)
     retraining.Retrainer(task, trained)
     assert not [p for p in products if p[0] == task.n_pretrain_params]         # pretraining: reused
-    assert curvature._LAST_HESSIAN[0] == solver.hessian_key                   # kept for the baselines
+    assert solver.hessian_key in curvature.kept_hessian_keys()                 # kept for the baselines
     assert sum(k for d, k in products if d == task.n_finetune_params) == task.n_finetune_params   # updated: built
     ones = torch.ones(task.m, dtype=task.dtype)
     own = dense_hessian(batched_hvp(lambda p: task.pretrain_objective(p, ones), trained.p),
@@ -146,22 +146,26 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     torch.testing.assert_close(solver.hessian(), own, rtol=1e-9, atol=1e-12)
 
 
-def test_a_run_releases_the_shared_pretraining_hessian(tmp_path, monkeypatch):
-    """Influence, retraining and the baselines share one keyed build; the run drops it when done."""
-    from precompute import curvature
+def test_a_run_shares_each_stage_hessian_once_and_releases_them(tmp_path, monkeypatch):
+    """The training certificate, influence, retraining and the baselines share one keyed build per stage
+    (pretraining, updated finetuning); the run drops them when done."""
+    from precompute import certificate, curvature, solvers
     from precompute.cli import main
 
-    monkeypatch.setattr(curvature, "_LAST_HESSIAN", (None, None))
+    monkeypatch.setattr(curvature, "_KEPT", {})
     builds = []
     keyed = curvature.dense_hessian
 
     def spy(hvp, dim, dtype, device, block=256, key=None):
-        if key is not None and curvature._LAST_HESSIAN[0] != key:
-            builds.append(key[0])
+        kept = curvature._KEPT.get(key[0]) if key is not None else None
+        if key is not None and (kept is None or kept[0] != key):
+            builds.append(key)
         return keyed(hvp, dim, dtype, device, block, key)
 
-    from precompute import solvers
     monkeypatch.setattr(solvers, "dense_hessian", spy)
+    monkeypatch.setattr(certificate, "dense_hessian", spy)
     assert main(["--preset", "digits", "--quick", "--out", str(tmp_path / "r")]) == 0
-    assert builds == ["pretrain"]                           # one build for influence, retraining, baselines
-    assert curvature._LAST_HESSIAN == (None, None)
+    # one build per point: the certificate's build at the trained point serves every later user (a
+    # training that escaped a saddle certified an earlier point too, under another key)
+    assert {key[0] for key in builds} == {"pretrain", "updated"} and len(set(builds)) == len(builds)
+    assert curvature.kept_hessian_keys() == []

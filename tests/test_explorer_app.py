@@ -452,7 +452,7 @@ def test_unconverged_retrainings_are_hollow_and_not_counted(monkeypatch, tmp_pat
     assert_clean(at)
     figs = plotly_figs(at)
     one, every = figs[f"scatter_test_{scenario}_{t}"], figs[f"scatter_all_{scenario}"]
-    assert "(3 hollow: not converged, not counted)" in one["layout"]["title"]["text"]
+    assert "(3 hollow, not counted: 3 iteration cap)" in one["layout"]["title"]["text"]
     note = one["layout"]["annotations"][0]["text"]
     assert f"n = {len(counted)}" in note
     assert f"Pearson {charts.fmt_stat(np.corrcoef(counted.predicted, counted.actual)[0, 1])}" in note

@@ -211,3 +211,15 @@ def test_story_helpers():
     assert story.traced_mistake(table, [0, 1, 2], [0], "fixed") == 0          # a validated mistake first
     assert story.traced_mistake(table, [0, 1, 2], [], "fixed") == 2           # else the largest loss
     assert story.examples_per_class(np.array([1, 0, 1, 0, 2]), 1) == [1, 0, 4]
+
+
+def test_hollow_reasons_count_why_retrainings_do_not_count():
+    import pandas as pd
+
+    from explorer import story
+
+    pairs = pd.DataFrame({"converged": [True, False, False, False, True],
+                          "reason": ["", "lost the minimum", "iteration cap", "lost the minimum", "left the basin"]})
+    assert story.hollow_reasons(pairs) == "2 lost the minimum, 1 iteration cap"
+    assert story.hollow_reasons(pairs.drop(columns="reason")) == ""           # runs written before the reasons
+    assert story.hollow_reasons(pairs[pairs.converged]) == ""

@@ -64,7 +64,8 @@ else:
 
     def _title(text: str, pairs: pd.DataFrame, counted: pd.DataFrame) -> str:
         hollow = len(pairs) - len(counted)
-        return text + (f" ({hollow} hollow: not converged, not counted)" if hollow else "")
+        why = story.hollow_reasons(pairs)
+        return text + (f" ({hollow} hollow, not counted: {why or 'not converged'})" if hollow else "")
 
     def _pick_from_chart(chart_key: str) -> None:
         event = st.session_state.get(chart_key)
@@ -121,6 +122,9 @@ else:
                 ("Actual", render.format_score(row["actual"])),
                 ("Retraining converged", "yes" if bool(row["converged"]) else "NO"),
                 ("Final gradient norm", f"{float(row['grad_norm']):.2e}"),
+                *([("Smallest curvature (sign-faithful)", f"{float(row['eig_min']):.2e}")]
+                  if "eig_min" in row and pd.notna(row["eig_min"]) else []),
+                *([("Why not counted", str(row["reason"]))] if str(row.get("reason") or "") else []),
             ])
         info = data.pretrain_info(key, pid)
         with c_show:
