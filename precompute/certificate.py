@@ -110,10 +110,13 @@ def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, d
 
 
 def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor], Tensor], b: int, dim: int,
-                    dtype: torch.dtype, device: torch.device, steps: int = INERTIA_STEPS, seed: int = 0) -> Tensor:
+                    dtype: torch.dtype, device: torch.device, steps: int = INERTIA_STEPS, seed: int = 0,
+                    return_vectors: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """[B] smallest eigenvalue estimates of A_b = S H_b S, S = M^{-1/2} (``inv_sqrt``: rows [B, D] -> S rows),
     with ``hvp``: rows [B, D] -> H_b rows. A_b has the inertia of H_b (Sylvester), so its sign is the
-    sign of λ_min(H_b); A_b = I exactly when H_b = M. Batched Lanczos with full reorthogonalisation."""
+    sign of λ_min(H_b); A_b = I exactly when H_b = M. Batched Lanczos with full reorthogonalisation.
+    ``return_vectors``: also [B, D] unit directions S y_b (y_b the Ritz vector): where the value is
+    negative, H_b has negative curvature along it (a way off the saddle)."""
     steps = max(1, min(steps, dim))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
@@ -137,4 +140,8 @@ def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor]
         tiny = beta <= 1e-12
         tri[tiny, j, j + 1] = tri[tiny, j + 1, j] = 0.0
         q = torch.where(tiny[:, None], fresh / fresh.norm(dim=1, keepdim=True), w / beta.clamp_min(1e-300)[:, None])
-    return torch.linalg.eigvalsh(tri)[:, 0].to(dtype)
+    ritz, small = torch.linalg.eigh(tri)
+    if not return_vectors:
+        return ritz[:, 0].to(dtype)
+    direction = inv_sqrt(torch.einsum("bk,bkd->bd", small[:, :, 0].to(dtype), basis))
+    return ritz[:, 0].to(dtype), direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)

@@ -63,6 +63,8 @@ would exceed REFRESH_BYTES (D = 1125: 16 models, 160 MB; D = 5000: 2 models)."""
 # An objective "increase" below this many ulps of |L| is rounding noise near the optimum, where
 # the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
 ROUNDING_ULPS = 100
+MAX_ESCAPES = 2
+"""Saddle escapes per retrained model and stage (``Retrainer.certify_stage``)."""
 
 BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
@@ -362,18 +364,18 @@ class Retrainer:
 
         ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration (progress)."""
         nt, b = self.task.n_theta, len(weights)
-        fits, built = {}, {}
+        fits, built, eig_min = {}, {}, {}
         hook = (lambda stage: None) if on_iter is None else (lambda stage: lambda it, gn: on_iter(stage, it, gn))
-        fits["pretrain"], built["pretrain"] = solve_stage(
+        fit, built["pretrain"] = solve_stage(
             self.objectives["pretrain"], self.start["pretrain"].expand(b, -1), weights, self.precond["pretrain"],
             tol, max_iter, "pretraining", hook("pretraining"))
+        fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter)
         theta = fits["pretrain"].params[:, :nt]
         for s in self.scenarios:
-            fits[s], built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
-                                            tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"))
+            fit, built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
+                                        tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"))
+            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter)
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
-        data = {"pretrain": weights, **{s: theta for s in self.scenarios}}
-        eig_min = {k: self.inertia(k, fit.params, data[k]) for k, fit in fits.items()}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
         return RetrainResult(fits["pretrain"].params, q, {k: f.grad_norm for k, f in fits.items()},
@@ -381,12 +383,39 @@ class Retrainer:
                              built, p_linear=start - self.precond["pretrain"](g0, None), eig_min=eig_min,
                              stalled={k: f.stalled for k, f in fits.items()})
 
-    def inertia(self, stage: str, x: Tensor, data: Tensor) -> Tensor:
+    def certify_stage(self, stage: str, fit: StageFit, data: Tensor, tol: float,
+                      max_iter: int) -> tuple[StageFit, Tensor]:
+        """(fit, [B] λ_min estimates) after stepping models that ended beside a saddle off it.
+
+        A retrained model whose Hessian has negative curvature (``inertia``) is not at a minimum, even
+        with ‖∇‖ ≤ tol: it steps along that direction (both signs, the lower kept, ``escape_saddles``)
+        and is retrained from there (up to ``max_iter`` more steps), at most ``MAX_ESCAPES`` times."""
+        x, gnorm, conv = fit.params.clone(), fit.grad_norm.clone(), fit.converged.clone()
+        stalled = fit.stalled.clone() if fit.stalled is not None else torch.zeros_like(conv)
+        eig, direction = self.inertia(stage, x, data, vectors=True)
+        for _ in range(MAX_ESCAPES):
+            lost = (~(eig > 0) & ~eig.isnan()).nonzero()[:, 0]
+            if lost.numel() == 0:
+                break
+            moved_x, moved = escape_saddles(self.objectives[stage], x[lost], data[lost], direction[lost])
+            if not bool(moved.any()):
+                break
+            rows = lost[moved]
+            sub, _ = solve_stage(self.objectives[stage], moved_x[moved], data[rows], self.precond[stage], tol,
+                                 max_iter, stage)
+            x[rows], gnorm[rows], conv[rows] = sub.params, sub.grad_norm, sub.converged
+            stalled[rows] = sub.stalled
+            eig[rows], direction[rows] = self.inertia(stage, x[rows], data[rows], vectors=True)
+        return StageFit(x, gnorm, conv, fit.iterations, stalled), eig
+
+    def inertia(self, stage: str, x: Tensor, data: Tensor, vectors: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """[B] sign-faithful λ_min estimates of each retrained model's Hessian in ``stage``
-        (``certificate.batched_inertia`` against the stage's shared dense M); NaN with a low-rank M."""
+        (``certificate.batched_inertia`` against the stage's shared dense M); NaN with a low-rank M.
+        ``vectors``: also [B, D] directions of that curvature (negative where the estimate is)."""
         precond = self.precond[stage]
         if not isinstance(precond, Preconditioner) or precond.vecs.dim() != 2:
-            return torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
+            nan = torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
+            return (nan, torch.zeros_like(x)) if vectors else nan
         vecs, scale = precond.vecs, precond.inv.sqrt()
         grad_f = grad(self.objectives[stage])
 
@@ -394,7 +423,27 @@ class Retrainer:
             return vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])(x, data, v)
 
         return batched_inertia(hvp_rows, lambda rows: ((rows @ vecs) * scale) @ vecs.T, len(x), x.shape[1],
-                               x.dtype, x.device)
+                               x.dtype, x.device, return_vectors=vectors)
+
+
+def escape_saddles(objective: BatchedObjective, x: Tensor, data: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, x_b ± t·d_b for the first t in 1, 1/2, ... 2⁻²⁰ where either sign lowers the objective
+    beyond rounding, the lower sign kept. Returns (x' [B, D], moved [B] bool); unmoved rows keep x_b."""
+    values = vmap(objective)(x, data)
+    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps * values.abs().clamp_min(1.0)
+    out, moved = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for k in range(21):
+        todo = (~moved).nonzero()[:, 0]
+        if todo.numel() == 0:
+            break
+        step = 2.0 ** -k
+        plus, minus = x[todo] + step * direction[todo], x[todo] - step * direction[todo]
+        f_plus, f_minus = vmap(objective)(plus, data[todo]), vmap(objective)(minus, data[todo])
+        better = torch.where((f_plus <= f_minus)[:, None], plus, minus)
+        lower = torch.minimum(f_plus, f_minus)
+        ok = torch.isfinite(lower) & (lower < values[todo] - slack[todo])
+        out[todo[ok]], moved[todo[ok]] = better[ok], True
+    return out, moved
 
 
 def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config: ValidationConfig,

@@ -68,3 +68,18 @@ def test_batched_inertia_has_the_sign_of_each_models_smallest_eigenvalue():
     assert (truth < 0).any() and (truth > 0).any()                       # both kinds were exercised
     preconditioned = torch.linalg.eigvalsh(inv_sqrt(inv_sqrt(hs).transpose(1, 2)))[:, 0]
     torch.testing.assert_close(estimate, preconditioned, rtol=1e-8, atol=1e-10)
+
+
+def test_escape_saddles_steps_each_model_downhill_along_its_negative_curvature():
+    from precompute.retraining import escape_saddles
+
+    def objective(x, shift):                     # a saddle at (shift, 0), minima at (shift, ±√2)
+        return (x[0] - shift) ** 2 - x[1] ** 2 + x[1] ** 4 / 4
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.4142135623730951]], dtype=torch.float64)
+    shifts = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    direction = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
+    out, moved = escape_saddles(objective, x, shifts, direction)
+    assert moved.tolist() == [True, True, False]                     # the third sits at a minimum already
+    values = torch.stack([objective(o, s) for o, s in zip(out, shifts)])
+    assert (values[:2] < -0.5).all() and torch.equal(out[2], x[2])
