@@ -234,9 +234,21 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
                 return x.detach(), True
             if at_stationary_point and chord:
                 break                         # judge the point on a Hessian of its own
-            direction = evecs @ ((evecs.T @ g) / evals.abs().clamp_min(floor))
-            moved = _halving_step(objective, x, direction,
-                                  lambda v: v < value or (v == value and not at_stationary_point))
+            precondition = lambda r: evecs @ ((evecs.T @ r) / evals.abs().clamp_min(floor))
+            direction = precondition(g)
+            if chord and evals[0] > 0:
+                # Newton at x by CG on exact products, preconditioned by the old factorisation (close to
+                # H(x), so a few products): Newton's quadratic rate without rebuilding the dense Hessian
+                newton = _preconditioned_cg(batched_hvp(objective, x), g, precondition)
+                direction = direction if newton is None else newton
+            slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(value), 1.0)
+
+            def accept(v: float, candidate: Tensor, value=value, gnorm=gnorm, slack=slack) -> bool:
+                # near the minimum a Newton step lowers L by ~‖∇‖²/λ, below L's rounding: there a step
+                # counts when L stays within rounding and ‖∇‖ falls
+                return v < value or (v <= value + slack and float(_gradient(objective, candidate).norm()) < gnorm)
+
+            moved = _halving_step(objective, x, direction, accept)
             if moved is None:
                 if chord:
                     break             # a fresh Hessian may still find a way down
@@ -271,7 +283,7 @@ def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: floa
         direction, positive = _steihaug(hvp, g, cg_iters, min(0.1, gnorm ** 0.5))
         if gnorm <= grad_tol:
             return x.detach(), positive
-        moved = _halving_step(objective, x, direction, lambda v: v <= value)
+        moved = _halving_step(objective, x, direction, lambda v, _candidate: v <= value)
         if moved is None:
             break
         x, value = moved
@@ -279,16 +291,39 @@ def newton_cg_polish(objective: Objective, x: Tensor, steps: int, grad_tol: floa
 
 
 def _halving_step(objective: Objective, x: Tensor, direction: Tensor, accept) -> tuple[Tensor, float] | None:
-    """x − t·direction for the first t in 1, 1/2, 1/4, … (down to 1e-6) whose objective value
-    ``accept`` takes, with that value; None when no step is accepted."""
+    """x − t·direction for the first t in 1, 1/2, 1/4, … (down to 1e-6) that ``accept(value, candidate)``
+    takes, with its objective value; None when no step is accepted."""
     step = 1.0
     while step > 1e-6:
         candidate = (x - step * direction).detach()
         new_value = float(objective(candidate))
-        if accept(new_value):
+        if accept(new_value, candidate):
             return candidate, new_value
         step /= 2
     return None
+
+
+def _preconditioned_cg(hvp, g: Tensor, precondition, max_iter: int = 30, rtol: float = 1e-6) -> Tensor | None:
+    """H⁻¹g by CG from M⁻¹g with preconditioner ``precondition`` (M⁻¹, symmetric positive definite);
+    None when it meets non-positive curvature or misses ``rtol`` within ``max_iter`` products."""
+    d = precondition(g)
+    r = g - hvp(d[:, None])[:, 0]
+    z = precondition(r)
+    p, rz = z.clone(), float(r @ z)
+    target = rtol * float(g.norm())
+    for _ in range(max_iter):
+        if float(r.norm()) <= target:
+            return d
+        hp = hvp(p[:, None])[:, 0]
+        curvature = float(p @ hp)
+        if curvature <= 0:
+            return None
+        step = rz / curvature
+        d, r = d + step * p, r - step * hp
+        z = precondition(r)
+        rz_new = float(r @ z)
+        p, rz = z + (rz_new / rz) * p, rz_new
+    return d if float(r.norm()) <= target else None
 
 
 def _steihaug(hvp, g: Tensor, max_iter: int, rtol: float) -> tuple[Tensor, bool]:

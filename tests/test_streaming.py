@@ -116,11 +116,12 @@ def test_lazy_task_trains_solves_and_scores_like_in_memory(task, tmp_path):
     assert isinstance(pretraining_objective(lazy), StreamedPretrainObjective)
     trained = train_stages(task, TIGHT, alpha=0.1, progress=False)
     trained_lazy = train_stages(lazy, TIGHT, alpha=0.1, progress=False)
-    # both reach the minimum to machine precision (L-BFGS, then Newton on the chunked Hessian)
-    assert trained_lazy.pretrain.grad_norm < 1e-12
-    torch.testing.assert_close(trained_lazy.p, trained.p, rtol=0, atol=1e-10)
-    for scenario in ("fixed", "updated"):
-        torch.testing.assert_close(trained_lazy.q(scenario), trained.q(scenario), rtol=0, atol=1e-9)
+    # both reach a certified minimum (L-BFGS, then Newton on the chunked Hessian); two stationary points of
+    # one strict minimum lie within (‖g₁‖ + ‖g₂‖)/λ_min of each other, whatever rounding each machine does
+    for a, b in zip(trained_lazy.stages().values(), trained.stages().values()):
+        assert a.certified and b.certified
+        bound = 2 * (a.grad_norm + b.grad_norm) / min(a.eig_min, b.eig_min) + 1e-12
+        assert float((a.params - b.params).norm()) <= bound, (float((a.params - b.params).norm()), bound)
 
     # the pretraining solve on the streamed Hessian, at the same parameters: same test-side vectors
     vectors, _ = stacked_test_vectors(task, trained, TEST_IDS, CONFIG)
@@ -145,8 +146,10 @@ def test_stream_chunk_streams_an_in_memory_task(task):
     from dataclasses import replace
     reference = pretrain(task, TIGHT, desc=None)
     streamed = pretrain(task, replace(TIGHT, stream_chunk=9), desc=None)
-    assert streamed.grad_norm < 1e-12
-    torch.testing.assert_close(streamed.params, reference.params, rtol=0, atol=1e-10)
+    assert streamed.certified and reference.certified
+    # both stationary to within their gradients: ‖Δp‖ ≤ (‖g₁‖ + ‖g₂‖)/λ_min (factor 2 for the Hessian's variation)
+    bound = 2 * (streamed.grad_norm + reference.grad_norm) / min(streamed.eig_min, reference.eig_min) + 1e-12
+    assert float((streamed.params - reference.params).norm()) <= bound
     with pytest.raises(ValueError):
         replace(TIGHT, stream_chunk=-1)
 
