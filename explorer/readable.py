@@ -37,6 +37,8 @@ QUANTITY_NAMES = {
     "iterations": "iterations", "relative_residual": "relative residual ‖(H+λI)x − b‖/‖b‖",
     "eig_min": "smallest eigenvalue", "eig_max": "largest eigenvalue", "rank": "rank",
     "objective": "final objective", "grad_norm": "final gradient norm ‖∇‖", "converged": "converged",
+    "certified": "certified minimum (‖∇‖ ≤ target and λ_min > 0)", "saddles_escaped": "saddles escaped",
+    "grad_tol": "gradient target", "grad_floor": "gradient rounding floor", "eig_method": "λ_min computed by",
 }
 PART_NAMES = {"finetune_solve": "Finetune-side solve", "pretrain_solve": "Pretraining solve",
               "training.pretrain": "Pretraining", "training.finetune": "Finetuning",
