@@ -197,6 +197,9 @@ class ValidationConfig:
     lds_fraction:    fraction of the pretraining set each LDS subset keeps.
     retrain_tol:     a retraining has converged when ‖∇objective‖ ≤ retrain_tol.
     retrain_max_iter: iteration cap per retraining.
+    per_model_hessians: stragglers (still above tol after ``retraining.SHARED_ITERS`` steps) get a dense
+                     Hessian of their own every ``REFRESH_ITERS`` steps (P products each); False keeps
+                     the shared preconditioner for every step (models whose Hessian costs minutes).
     batch_size:      retrainings run together in one batched (vmapped) optimisation.
     seed:            seed of the random removals and subsets.
     """
@@ -212,6 +215,7 @@ class ValidationConfig:
                                       "is flagged as not converged and left out of the fit figures)")
     batch_size: int = 64
     seed: int = 0
+    per_model_hessians: bool = True
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,8 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
 
 
 def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: Preconditioner, tol: float,
-                max_iter: int, what: str, on_iter: OnIteration | None = None) -> tuple[StageFit, int]:
+                max_iter: int, what: str, on_iter: OnIteration | None = None,
+                per_model: bool = True) -> tuple[StageFit, int]:
     """All rows with the shared M first; stragglers then get their own M at their current point.
 
     Up to ``SHARED_ITERS`` steps use the shared M: leave-one-out (optimum O(1/m) away) takes a
@@ -229,8 +230,9 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     local minimum vanished and the model slides to another basin); it gets a fresh dense Hessian
     at its current point every ``REFRESH_ITERS`` steps, in groups of ``REFRESH_GROUP``, until
     converged or ``max_iter`` steps in all. Returns (fit, number of per-model Hessians built).
+    ``per_model`` False: the shared M serves every step (no per-model Hessians).
     """
-    large = x0.shape[1] > MAX_DENSE_PARAMS           # low-rank shared M for every step (no dense M_b)
+    large = x0.shape[1] > MAX_DENSE_PARAMS or not per_model       # shared M for every step (no dense M_b)
     fit = preconditioned_lbfgs(objective, x0, data, shared, tol, max_iter if large else min(max_iter, SHARED_ITERS),
                                on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
@@ -359,7 +361,7 @@ class Retrainer:
                         for k in ("pretrain", *self.scenarios)}
 
     def run(self, weights: Tensor, tol: float, max_iter: int,
-            on_iter: Callable[[str, int, Tensor], object] | None = None) -> RetrainResult:
+            on_iter: Callable[[str, int, Tensor], object] | None = None, per_model: bool = True) -> RetrainResult:
         """Retrains both stages for every row of weights [B, m], all rows at once.
 
         ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration (progress)."""
@@ -368,13 +370,13 @@ class Retrainer:
         hook = (lambda stage: None) if on_iter is None else (lambda stage: lambda it, gn: on_iter(stage, it, gn))
         fit, built["pretrain"] = solve_stage(
             self.objectives["pretrain"], self.start["pretrain"].expand(b, -1), weights, self.precond["pretrain"],
-            tol, max_iter, "pretraining", hook("pretraining"))
-        fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter)
+            tol, max_iter, "pretraining", hook("pretraining"), per_model)
+        fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter, per_model)
         theta = fits["pretrain"].params[:, :nt]
         for s in self.scenarios:
             fit, built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
-                                        tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"))
-            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter)
+                                        tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"), per_model)
+            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter, per_model)
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
@@ -384,7 +386,7 @@ class Retrainer:
                              stalled={k: f.stalled for k, f in fits.items()})
 
     def certify_stage(self, stage: str, fit: StageFit, data: Tensor, tol: float,
-                      max_iter: int) -> tuple[StageFit, Tensor]:
+                      max_iter: int, per_model: bool = True) -> tuple[StageFit, Tensor]:
         """(fit, [B] λ_min estimates) after stepping models that ended beside a saddle off it.
 
         A retrained model whose Hessian has negative curvature (``inertia``) is not at a minimum, even
@@ -402,7 +404,7 @@ class Retrainer:
                 break
             rows = lost[moved]
             sub, _ = solve_stage(self.objectives[stage], moved_x[moved], data[rows], self.precond[stage], tol,
-                                 max_iter, stage)
+                                 max_iter, stage, per_model=per_model)
             x[rows], gnorm[rows], conv[rows] = sub.params, sub.grad_norm, sub.converged
             stalled[rows] = sub.stalled
             eig[rows], direction[rows] = self.inertia(stage, x[rows], data[rows], vectors=True)
@@ -477,7 +479,8 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
             bar.set_note(f"models {i + 1}-{i + b} of {len(weights)} (chunk {c + 1}/{n_chunks}), {stage}: "
                          f"iteration {it}, {done}/{b} converged, largest ‖∇‖ {float(gn.max()):.1e}")
 
-        parts.append(retrainer.run(chunk, config.retrain_tol, config.retrain_max_iter, on_iter))
+        parts.append(retrainer.run(chunk, config.retrain_tol, config.retrain_max_iter, on_iter,
+                                   config.per_model_hessians))
         bar.update((i + len(chunk)) * len(stages) - bar.n)
     bar.close()
     keys = ["pretrain", *retrainer.scenarios]

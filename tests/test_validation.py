@@ -115,6 +115,20 @@ def test_stragglers_with_their_own_hessian_reach_the_same_optimum(tiny, monkeypa
     torch.testing.assert_close(forced.q["updated"], reference.q["updated"], rtol=0, atol=1e-9)
 
 
+def test_without_per_model_hessians_stragglers_keep_the_shared_preconditioner(tiny, monkeypatch):
+    """``per_model_hessians=False`` (the quick CNN, whose per-model Hessian costs ~35 s): no per-model build,
+    the shared M for every step, and the same optimum."""
+    from dataclasses import replace
+
+    task, trained, _ = tiny
+    weights = removal_weights(task, [3], range(0, task.m, 2))
+    reference = retrain(task, trained, weights, STRICT, progress=False)
+    monkeypatch.setattr(retraining, "SHARED_ITERS", 1)
+    shared = retrain(task, trained, weights, replace(STRICT, per_model_hessians=False), progress=False)
+    assert sum(shared.refreshed.values()) == 0 and shared.chain_converged("updated").all()
+    torch.testing.assert_close(shared.p, reference.p, rtol=0, atol=1e-9)
+
+
 def test_left_basin_flags_long_or_turned_changes():
     eye = torch.eye(3, dtype=torch.float64)
     linear = torch.stack([torch.zeros(3), eye[0], eye[0], eye[0]]).double()
