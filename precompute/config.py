@@ -102,7 +102,9 @@ class TrainConfig:
                 (``training.newton_cg_polish``: at most 100 Hessian-vector products per step); they
                 reach machine precision in a few steps near a minimum, which the retraining check
                 relies on.
-    rounds:     L-BFGS + Newton rounds at most (a round after a saddle escape continues descent).
+    rounds:     L-BFGS + Newton rounds at most, not counting rounds that end on a saddle escape.
+    max_escapes: saddle escapes at most per stage (each lowers the objective, so escapes cannot cycle;
+                each costs one dense Hessian or one Lanczos run, then cheap L-BFGS iterations).
     init_jitter: relative perturbation of the initial weights, x0·(1 + init_jitter·N(0, 1)): emulates
                 another CPU's rounding (1e-12 moves a non-convex trajectory as far as another BLAS
                 does) for seed sweeps; 0 = the modules' initial weights exactly.
@@ -123,6 +125,7 @@ class TrainConfig:
                                   "pretraining set; 0 turns it off)")
     newton_max_params: int = 6000
     rounds: int = 6
+    max_escapes: int = 30
     stream_chunk: int = 0
     init_jitter: float = knob(0.0, "relative perturbation of the initial weights (e.g. 1e-12) to emulate another "
                                    "CPU's rounding in seed sweeps; 0 = none")

@@ -101,7 +101,7 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
     polish = newton_polish if dense else newton_cg_polish
     certificate = None
     while True:
-        rounds += 1
+        rounds += 1                              # a round that ends on a saddle escape is not counted
         x, used = _lbfgs(objective, x, config, config.max_iter - iterations, desc,
                          lambda n, gn, done=iterations: report(done + n, gn))
         iterations += used
@@ -111,22 +111,25 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
             before = escaped[0]
             x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
                                    on_escape=on_escape)
-            if escaped[0] > before and rounds < config.rounds:
+            if escaped[0] > before and escaped[0] <= config.max_escapes:
+                rounds -= 1                      # every escape lowers L, so this cannot cycle
                 continue                         # off a saddle: L-BFGS takes it from here
         bar.set_note(f"certifying the minimum ({'dense Hessian' if dense else 'Lanczos'}, {x.numel()} parameters)")
         key = None if hessian_key is None else hessian_key(x)
         certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params, key,
                                       gradient=lambda xx: _gradient(objective, xx))
-        if certificate.certified or rounds >= config.rounds:
+        if certificate.certified:
             break
-        if certificate.eig_min < 0:
+        if certificate.eig_min < 0 and escaped[0] < config.max_escapes:
             moved = escape_saddle(objective, x, lowest)
             if moved is None:
                 break
             x = moved
             on_escape()
-        elif iterations >= config.max_iter or (not config.newton_polish and used == 0):
-            break                                # no negative curvature and nothing left to try
+            continue
+        if rounds >= config.rounds or certificate.eig_min < 0 or iterations >= config.max_iter \
+                or (not config.newton_polish and used == 0):
+            break                                # out of rounds, escapes or iterations, or nothing left to try
     gnorm = _grad_norm(objective, x)
     bar.close(f"‖∇‖ {gnorm:.1e}, target {config.grad_tol:.0e}, λ_min {certificate.eig_min:.1e}"
               + (f", {escaped[0]} saddle{'s' if escaped[0] > 1 else ''} escaped" if escaped[0] else ""))
