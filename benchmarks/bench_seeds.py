@@ -47,7 +47,8 @@ def run_seed(preset: str, seed: int, quick: bool, threads: int | None, extra: li
             "accuracy": manifest["finetune_accuracy"][s],
             "certified": all(t.get("certified", False) for t in training.values()),
             "eig_min": min(t.get("eig_min") or float("nan") for t in training.values()),
-            "reasons": v.get("not_converged_reasons", {})}
+            "reasons": v.get("not_converged_reasons", {}),
+            "baselines_spearman": {k: (b.get(s) or {}).get("spearman") for k, b in manifest.get("baselines", {}).items()}}
     return row
 
 
