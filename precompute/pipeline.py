@@ -159,9 +159,10 @@ class RunSummary:
             out.append("  certified minima: " + "; ".join(certificates))
         for stage, result in stages.items():
             if not result.get("certified", result["converged"]):
-                out.append(f"  warning: {stage} is not a certified minimum (‖∇‖ = {result['grad_norm']:.1e}, "
-                           f"λ_min = {result.get('eig_min')}); the damped scores answer the proximal question, "
-                           "not leave-one-out")
+                eig = result.get("eig_min")
+                out.append(f"  warning: {stage} stopped before a certified minimum (‖∇‖ = {result['grad_norm']:.1e}, "
+                           f"λ_min = {'n/a' if eig is None else f'{eig:.1e}'}); the damped scores answer the "
+                           "proximal question, not leave-one-out: raise --train-iters")
         out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
                    + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
         return out

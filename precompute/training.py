@@ -62,7 +62,8 @@ class TrainResult:
                "iterations": self.iterations, "converged": self.converged,
                "eig_min": self.eig_min, "certified": self.certified, "saddles_escaped": self.saddles_escaped}
         if self.certificate is not None:
-            out |= {"grad_tol": self.certificate.grad_tol, "eig_method": self.certificate.method}
+            out |= {"grad_tol": self.certificate.grad_tol, "grad_floor": self.certificate.grad_floor,
+                    "eig_method": self.certificate.method}
         return out
 
 

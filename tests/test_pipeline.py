@@ -266,10 +266,17 @@ def test_check_command_passes():
 
 
 @pytest.mark.slow
+def run_certificate_fields_present(root) -> bool:
+    training = open_run(root, "early").manifest["diagnostics"]["fixed"]["training"]["pretrain"]
+    return not training["certified"] and training["eig_min"] is not None and "grad_floor" in training
+
+
 def test_stopping_training_early_is_flagged_in_the_summary(tmp_path, capsys):
     assert main(["--preset", "digits", "--quick", "--no-validate", "--train-iters", "5", "--newton-steps", "0",
                  "--damping", "1", "--out", str(tmp_path / "early")]) == 0
     out = capsys.readouterr().out
-    assert "warning: pretraining stopped before a minimum" in out and "raise --train-iters" in out
+    assert "warning: pretraining stopped before a certified minimum" in out and "raise --train-iters" in out
+    assert "λ_min = " in out and "proximal question" in out
+    assert run_certificate_fields_present(tmp_path)
     run = open_run(tmp_path, "early")
     assert run.manifest["diagnostics"]["fixed"]["training"]["pretrain"]["iterations"] <= 5
