@@ -74,14 +74,15 @@ class Certificate:
                 "another --seed")
 
 
-def lanczos_smallest(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LANCZOS_STEPS,
-                     seed: int = 0) -> tuple[float, Tensor]:
-    """(smallest Ritz value, its unit Ritz vector [D]) of the symmetric operator ``hvp`` ([D, k] -> [D, k]),
-    from ``steps`` (at most D) products (``solvers.lanczos``). The Ritz value is ≥ λ_min."""
+def lanczos_extremes(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LANCZOS_STEPS,
+                     seed: int = 0) -> tuple[float, Tensor, float]:
+    """(smallest Ritz value, its unit Ritz vector [D], largest |Ritz value|) of the symmetric operator
+    ``hvp`` ([D, k] -> [D, k]), from ``steps`` (at most D) products (``solvers.lanczos``). The smallest
+    Ritz value is a Rayleigh quotient, so it is ≥ λ_min."""
     q, ritz, small = lanczos(hvp, x.numel(), max(1, min(steps, x.numel())), x.dtype, x.device, seed,
                              return_vectors=True)
     vector = q @ small[:, 0]
-    return float(ritz[0]), vector / vector.norm()
+    return float(ritz[0]), vector / vector.norm(), float(ritz.abs().max())
 
 
 def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
@@ -92,10 +93,8 @@ def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_m
     if x.numel() <= dense_max:
         evals, evecs = torch.linalg.eigh(dense_hessian(hvp, x.numel(), x.dtype, x.device, key=key))
         return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
-    q, ritz, small = lanczos(hvp, x.numel(), min(LANCZOS_STEPS, x.numel()), x.dtype, x.device, 0,
-                             return_vectors=True)
-    vector = q @ small[:, 0]
-    return float(ritz[0]), vector / vector.norm(), "lanczos", float(ritz.abs().max())
+    value, vector, largest = lanczos_extremes(hvp, x)
+    return value, vector, "lanczos", largest
 
 
 def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, dense_max: int,

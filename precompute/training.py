@@ -107,10 +107,9 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
                          lambda n, gn, done=iterations: report(done + n, gn))
         iterations += used
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
-        at_minimum = False
         if config.newton_polish:
             before = escaped[0]
-            x, at_minimum = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
+            x, _ = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
                                    on_escape=on_escape)
             if escaped[0] > before and escaped[0] <= config.max_escapes:
                 rounds -= 1                      # every escape lowers L, so this cannot cycle

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from precompute.certificate import Certificate, batched_inertia, certify, lanczos_smallest
+from precompute.certificate import Certificate, batched_inertia, certify, lanczos_extremes
 
 
 def _symmetric(dim: int, lowest: float, seed: int) -> torch.Tensor:
@@ -35,9 +35,11 @@ def test_certify_dense_and_lanczos_find_the_smallest_eigenvalue_of_a_quadratic()
 def test_lanczos_proves_a_saddle_in_fewer_steps_than_dimensions():
     """Negative curvature is found by a Rayleigh quotient, so a negative Ritz value is proof, not estimate."""
     h = _symmetric(300, -0.5, seed=2)
-    value, vector = lanczos_smallest(lambda v: h @ v, torch.zeros(300, dtype=torch.float64), steps=40)
+    value, vector, largest = lanczos_extremes(lambda v: h @ v, torch.zeros(300, dtype=torch.float64), steps=40)
     assert value < 0 and abs(float(vector @ h @ vector) - value) < 1e-10
-    assert value >= float(torch.linalg.eigvalsh(h)[0]) - 1e-12
+    evals = torch.linalg.eigvalsh(h)
+    assert value >= float(evals[0]) - 1e-12
+    assert largest <= float(evals.abs().max()) + 1e-9 and largest > 0.9 * float(evals.abs().max())
 
 
 def test_certificate_needs_both_a_small_gradient_and_positive_curvature():
