@@ -31,6 +31,9 @@ from .solvers import lanczos
 
 LANCZOS_STEPS = 64
 """Krylov steps of the single-model Lanczos estimate above the dense limit (one HVP each)."""
+ROUNDING_ULPS = 100
+"""An objective change below this many ulps of |L| is rounding noise, not descent (training's saddle
+escapes and Newton steps, retraining's line search and escapes)."""
 ROUNDING_FACTOR = 10.0
 """Safety factor of the gradient's rounding floor (``Certificate.grad_floor``)."""
 INERTIA_STEPS = 16

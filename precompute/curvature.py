@@ -53,7 +53,7 @@ def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.d
 
     ``key`` (``hessian_key("pretrain", task, p)`` or ``updated_hessian_key(...)``) names the matrix: the
     last keyed one per stage name (key[0]) of at most ``SHARED_HESSIAN_MAX_DIM`` rows is kept until
-    ``release_hessian(key)``, so the training certificate, the influence solve and the retraining
+    ``release_kept_hessians()`` (the end of a run), so the training certificate, the influence solve and the retraining
     preconditioner at the same trained point share one build (``dim`` products each otherwise)."""
     if key is not None and key[0] in _KEPT and _KEPT[key[0]][0] == key:
         return _KEPT[key[0]][1]
@@ -75,12 +75,6 @@ _KEPT: dict[str, tuple[tuple, Tensor]] = {}
 def kept_hessian_keys() -> list[tuple]:
     """The keys of the dense Hessians kept for sharing now (diagnostics and tests)."""
     return [key for key, _ in _KEPT.values()]
-
-
-def release_hessian(key: tuple) -> None:
-    """Drops the kept Hessian if it is ``key``'s (its last user is done with it)."""
-    if key[0] in _KEPT and _KEPT[key[0]][0] == key:
-        del _KEPT[key[0]]
 
 
 def release_kept_hessians() -> None:

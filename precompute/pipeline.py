@@ -197,9 +197,6 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                 trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
                                             config.influence.scenarios, progress=progress, device=device,
                                             what="training")
-                influence_damping = min(config.influence.pretrain_solver.damping, config.influence.finetune_solver.damping)
-                # one line naming the stage, before any solver runs on it (every rank raises: ``trained`` is broadcast)
-                trained.require_certified(config.influence.scenarios, influence_damping)
             preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
             if explicit_ids:
                 test_ids = explicit_ids
@@ -248,7 +245,6 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
         evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
                             "cleaning/retrain.parquet": cleaning.retrain}
         evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
-    # the exact solves of influence, retraining and baselines shared one pretraining Hessian: done with it
 
     with timer.step("write files"):
         pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vmap
 from . import progress as progress_report
-from .certificate import batched_inertia
+from .certificate import ROUNDING_ULPS, batched_inertia
 from .config import ValidationConfig
 from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .errors import PrecomputeError
@@ -60,9 +60,8 @@ REFRESH_GROUP = 16
 REFRESH_BYTES = 2**29
 """Stragglers whose dense Hessians are held at once: REFRESH_GROUP, fewer if their D² floats
 would exceed REFRESH_BYTES (D = 1125: 16 models, 160 MB; D = 5000: 2 models)."""
-# An objective "increase" below this many ulps of |L| is rounding noise near the optimum, where
-# the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
-ROUNDING_ULPS = 100
+# ROUNDING_ULPS: an objective "increase" below this many ulps of |L| is rounding noise near the optimum,
+# where the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
 MAX_ESCAPES = 2
 """Saddle escapes per retrained model and stage (``Retrainer.certify_stage``)."""
 
@@ -218,6 +217,11 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
     return r
 
 
+def negative_curvature(eig_min: Tensor) -> Tensor:
+    """[B] bool: the λ_min estimate is not positive (NaN, not checked, counts as no evidence)."""
+    return ~(eig_min > 0) & ~eig_min.isnan()
+
+
 def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: Preconditioner, tol: float,
                 max_iter: int, what: str, on_iter: OnIteration | None = None,
                 per_model: bool = True) -> tuple[StageFit, int]:
@@ -291,7 +295,7 @@ class RetrainResult:
         out = torch.zeros_like(self.converged["pretrain"])
         for k in ("pretrain", scenario):
             if k in self.eig_min:
-                out |= ~(self.eig_min[k] > 0) & ~self.eig_min[k].isnan()
+                out |= negative_curvature(self.eig_min[k])
         return out
 
     def reasons(self, scenario: str, left_basin: Tensor | None = None) -> list[str]:
@@ -396,7 +400,7 @@ class Retrainer:
         stalled = fit.stalled.clone() if fit.stalled is not None else torch.zeros_like(conv)
         eig, direction = self.inertia(stage, x, data, vectors=True)
         for _ in range(MAX_ESCAPES):
-            lost = (~(eig > 0) & ~eig.isnan()).nonzero()[:, 0]
+            lost = negative_curvature(eig).nonzero()[:, 0]
             if lost.numel() == 0:
                 break
             moved_x, moved = escape_saddles(self.objectives[stage], x[lost], data[lost], direction[lost])

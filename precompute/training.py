@@ -24,18 +24,16 @@ from torch import Tensor
 
 from . import progress as progress_report
 from .config import TrainConfig
-from .certificate import Certificate, CertificateError, certify
+from .certificate import ROUNDING_ULPS, Certificate, CertificateError, certify
 from .curvature import batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
 Objective = Callable[[Tensor], Tensor]
-ROUNDING_ULPS = 100
 CHORD_RATE = 2.0
 """A chord step (the polish's old factorisation) is kept while it cuts ‖∇‖ at least this much: a dense
 Hessian costs P products (35 s on the quick CNN), a chord step a few objective evaluations, so linear
 convergence at rate 1/2 beats rebuilding (at 4, the quick CNN's pretraining rebuilt at a 3.8-fold step)."""
-"""An objective change below this many ulps of |L| is rounding noise, not descent."""
 
 
 @dataclass
@@ -110,7 +108,7 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         if config.newton_polish:
             before = escaped[0]
             x, _ = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
-                                   on_escape=on_escape)
+                          on_escape=on_escape)
             if escaped[0] > before and escaped[0] <= config.max_escapes:
                 rounds -= 1                      # every escape lowers L, so this cannot cycle
                 continue                         # off a saddle: L-BFGS takes it from here

@@ -280,3 +280,15 @@ def test_stopping_training_early_is_flagged_in_the_summary(tmp_path, capsys):
     assert run_certificate_fields_present(tmp_path)
     run = open_run(tmp_path, "early")
     assert run.manifest["diagnostics"]["fixed"]["training"]["pretrain"]["iterations"] <= 5
+
+
+@pytest.mark.slow
+def test_an_uncertified_stage_stops_the_run_in_one_line_and_writes_nothing(tmp_path, capsys):
+    """Training cut short (5 iterations, no polish) and an undamped solve: the run refuses before any
+    solver, names the stage, its ‖∇‖ and λ_min and what to change, and leaves no run directory."""
+    code = main(["--preset", "digits", "--quick", "--no-validate", "--train-iters", "5", "--newton-steps", "0",
+                 "--out", str(tmp_path / "cut")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not (tmp_path / "cut").exists()
+    assert err[-1].startswith("error: pretraining is not at a certified minimum (‖∇‖ = ")
+    assert "--train-iters" in err[-1]
