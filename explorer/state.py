@@ -19,7 +19,8 @@ from typing import Any
 
 import streamlit as st
 
-from precompute.runstore import Run, RunStoreError, list_runs, open_run
+from precompute.run_schema import RunStoreError
+from precompute.runstore import Run, list_runs, open_run
 
 RUNS_ENV = "EXPLORER_RUNS_DIR"
 DEFAULT_RUNS_DIR = "runs"

@@ -338,7 +338,7 @@ def _exit_on_sigterm(signum, frame):
     """SIGTERM: remove the unfinished run (its temporary directory and the parents it created), say
     so and exit 143. Not by raising: an exception raised in a signal handler is lost when the signal
     lands while a ``__del__`` or weakref callback runs, and the run would go on."""
-    from .runstore import abort_open_writers
+    from .run_writer import abort_open_writers
 
     aborted = abort_open_writers()
     print("interrupted (SIGTERM)" + "".join(f": nothing was written to {out}" for out in aborted),

@@ -1,5 +1,6 @@
-"""Processes: the torchrun environment, shards of the pretraining set, collectives, and the run
-directory committed after a barrier. No influence math lives here.
+"""Processes: the torchrun environment, shards of the pretraining set, collectives and agreements.
+No influence math and no run directory live here (``precompute.run_commit`` commits a run after a
+barrier, with the agreements below).
 
 Under ``torchrun --nproc-per-node N`` every rank holds the task and the trained parameters and owns
 one contiguous, balanced shard of the m pretraining examples (``shard_range``). The math modules
@@ -17,19 +18,14 @@ process group, so one process is the degenerate case of N:
                            (``shard_task``); the [T, m] scores are gathered to rank 0
                            (``gather_columns``) or written into shared .npy memory maps
 
-Failures and the run directory. Only rank 0 owns a ``RunWriter`` (``rank_zero_writer``); it writes
-to a temporary sibling and is committed by ``commit_after_barrier`` only after every rank has
-reported success at a barrier. Each collective step is an *agreement*: every rank reports None or
-its error message (``all_gather_object``), and if any rank failed, every rank raises
-(``DistributedError`` naming the failed ranks; the failed rank re-raises its own exception), so
-rank 0 leaves its ``with`` block by an exception and the writer deletes the temporary directory.
-A rank that dies without reaching an agreement (an uncaught error, a crash) closes its sockets:
-gloo raises "Connection closed by peer" on the others, which then unwind the same way (under nccl
-they wait for the process-group timeout instead). torchrun SIGTERMs the survivors when a rank
-fails; ``raise_on_sigterm`` (installed by ``init_distributed``) aborts the registered writer in the
-signal handler and raises ``SystemExit``, so that cleanup runs too. Only a SIGKILL of rank 0 (or an
-nccl watchdog abort) can leave the temporary ``.<name>.tmp-*`` sibling, which is never a run (no
-manifest; names starting with '.' are not listed by ``list_runs``), as for a single process.
+Failures. Each collective step is an *agreement*: every rank reports None or its error message
+(``all_gather_object``), and if any rank failed, every rank raises (``DistributedError`` naming the
+failed ranks; the failed rank re-raises its own exception), so ``with``/``finally`` blocks unwind on
+every rank. A rank that dies without reaching an agreement (an uncaught error, a crash) closes its
+sockets: gloo raises "Connection closed by peer" on the others, which then unwind the same way
+(under nccl they wait for the process-group timeout instead). torchrun SIGTERMs the survivors when a
+rank fails; ``raise_on_sigterm`` (installed by ``init_distributed``) runs the cleanups registered
+with ``on_sigterm`` in the signal handler and raises ``SystemExit``, so the survivors unwind too.
 
 Measured (``benchmarks/bench_large.py``, m = 1,000,000 digits-sized examples, P = 1,125, T = 64,
 chunk 1,024, one CPU thread): with the outer-product scoring path, 0.52 s per 100,000 examples
@@ -41,15 +37,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import signal
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,32 +54,12 @@ from .errors import PrecomputeError
 from .streaming import LazyRows
 from .task import TwoStageTask
 
-if TYPE_CHECKING:
-    from .runstore import RunWriter
-
 __all__ = [
-    "DistEnv", "DistributedError", "torchrun_env", "init_distributed", "close_distributed",
+    "DistEnv", "DistributedError", "DistributedConfigError", "torchrun_env", "init_distributed", "close_distributed",
     "is_distributed", "get_rank", "get_world_size", "default_backend", "collective_device", "shard_range", "shard_task",
     "agree", "agreed", "broadcast_object", "broadcast_vectors", "rank_zero_compute", "all_reduce_sum",
-    "gather_columns", "rank_zero_writer", "commit_after_barrier", "raise_on_sigterm",
+    "gather_columns", "raise_on_sigterm", "on_sigterm",
 ]
-
-# Names that lived here before the influence path was unified; importable from here for existing
-# callers, defined in the math modules (resolved lazily: those modules import this one).
-_MOVED = {
-    "release_pages": "streaming",
-    "distributed_hvp": "curvature", "pretrain_shard_objective": "curvature", "distributed_pretrain_hvp": "curvature",
-    "write_scores_memmap": "scoring", "score_in_blocks": "scoring", "sharded_score_pretraining": "scoring",
-    "distributed_pretrain_solver": "influence", "distributed_test_vectors": "influence",
-    "sharded_multi_stage_scores": "influence",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f"precompute.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 class DistributedError(PrecomputeError, RuntimeError):
     """A step failed on one or more ranks; ``errors`` maps rank -> "ExceptionType: message"."""
@@ -93,6 +67,11 @@ class DistributedError(PrecomputeError, RuntimeError):
     def __init__(self, message: str, errors: dict[int, str] | None = None):
         super().__init__(message)
         self.errors = dict(errors or {})
+
+
+class DistributedConfigError(PrecomputeError, ValueError):
+    """A bad process setup or argument: the torchrun environment, the device, a rank outside its
+    world, a broadcast without data. Also a ``ValueError``, as these have always been."""
 
 
 # ---- environment and process group -----------------------------------------------------------------
@@ -119,9 +98,10 @@ def torchrun_env(environ: dict[str, str] | None = None) -> DistEnv | None:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
     except ValueError as err:
-        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from err
+        raise DistributedConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from err
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
+        raise DistributedConfigError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}, "
+                                     f"LOCAL_RANK={local}")
     return DistEnv(rank, world, local)
 
 
@@ -145,7 +125,7 @@ def init_distributed(device: str = "auto", backend: str | None = None,
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device}: CUDA is not available on this machine; use cpu")
+            raise DistributedConfigError(f"device {device}: CUDA is not available on this machine; use cpu")
         dev = torch.device("cuda", env.local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if env.world_size > 1 and not dist.is_initialized():
@@ -185,9 +165,16 @@ def collective_device() -> torch.device:
 _SIGTERM_CLEANUPS: list[Callable[[], None]] = []
 
 
+def on_sigterm(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Registers ``cleanup`` to run first when ``raise_on_sigterm``'s handler fires; returns the
+    function that unregisters it (``precompute.run_commit`` registers its writer's abort)."""
+    _SIGTERM_CLEANUPS.append(cleanup)
+    return lambda: _SIGTERM_CLEANUPS.remove(cleanup)
+
+
 def raise_on_sigterm() -> None:
-    """On SIGTERM: run the registered cleanups (``rank_zero_writer`` registers its writer's
-    abort), then raise SystemExit(143) so ``with``/``finally`` blocks unwind too.
+    """On SIGTERM: run the cleanups registered with ``on_sigterm``, then raise SystemExit(143) so
+    ``with``/``finally`` blocks unwind too.
 
     torchrun and ``mp.spawn`` SIGTERM the surviving ranks when one fails; Python's default action
     would end them without unwinding, and a SystemExit alone could interrupt a cleanup already
@@ -214,9 +201,9 @@ def shard_range(m: int, rank: int, world: int) -> slice:
     """Contiguous, balanced shard of range(m) for ``rank``: sizes differ by at most one, the first
     m % world ranks get the larger ones; shards tile range(m) in rank order."""
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
+        raise DistributedConfigError(f"rank {rank} is not in a world of {world}")
     if m < 0:
-        raise ValueError(f"m must be >= 0, got {m}")
+        raise DistributedConfigError(f"m must be >= 0, got {m}")
     base, extra = divmod(m, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
@@ -312,7 +299,7 @@ def broadcast_vectors(vectors: Tensor | dict[str, Tensor] | None, src: int = 0,
     rank = get_rank()
     if rank == src:
         if vectors is None:
-            raise ValueError(f"broadcast_vectors: the source rank {src} has no vectors")
+            raise DistributedConfigError(f"broadcast_vectors: the source rank {src} has no vectors")
         items = vectors.items() if isinstance(vectors, dict) else [(None, vectors)]
         meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in items]
         tensors = [v for _, v in items]
@@ -387,49 +374,3 @@ def gather_columns(local: np.ndarray, m: int) -> np.ndarray | None:
         return None
     parts = [gathered[r][:, : widths[r]].cpu().numpy() for r in range(world)]
     return np.ascontiguousarray(np.concatenate(parts, axis=1))
-
-
-# ---- the run directory ---------------------------------------------------------------------------------
-
-@contextmanager
-def rank_zero_writer(out_dir: str | Path, overwrite: bool = False):
-    """Collective context manager: a ``RunWriter`` on rank 0 (None elsewhere).
-
-    If rank 0 cannot create it (``out_dir`` exists, bad name), every rank raises. Leaving the block
-    by an exception on rank 0, or without ``commit_after_barrier``, deletes the temporary directory.
-    """
-    from .runstore import RunWriter     # here, not at the top: the math layer imports this module
-
-    writer, error = None, None
-    with ExitStack() as stack:
-        if get_rank() == 0:
-            try:
-                writer = RunWriter(out_dir, overwrite=overwrite)
-            except Exception as err:      # noqa: BLE001
-                error = err
-        if writer is not None:            # owned before the agreement: a peer may die during it
-            stack.enter_context(writer)
-            abort = lambda: writer._committed or writer.abort()      # noqa: E731
-            _SIGTERM_CLEANUPS.append(abort)
-            stack.callback(_SIGTERM_CLEANUPS.remove, abort)
-        agree(error, "creating the run directory")
-        yield writer
-
-
-def commit_after_barrier(writer: RunWriter | None, manifest: dict | None) -> Path:
-    """Collective: every rank reports success (a barrier); only then rank 0 commits ``writer``.
-
-    Returns the committed path on every rank; raises on every rank if any rank failed before the
-    barrier or the commit itself failed (rank 0's ``with`` block then deletes the temporary dir).
-    """
-    agree(None, "the run")
-    path, error = None, None
-    if get_rank() == 0:
-        try:
-            if writer is None:
-                raise ValueError("commit_after_barrier: rank 0 has no RunWriter")
-            path = writer.commit(manifest)
-        except Exception as err:      # noqa: BLE001
-            error = err
-    agree(error, "committing the run directory")
-    return broadcast_object(path)

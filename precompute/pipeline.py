@@ -18,15 +18,15 @@ import torch
 
 from . import progress as progress_report
 from .config import RunConfig
-from .distributed import (agreed, broadcast_object, commit_after_barrier, get_rank, get_world_size,
-                          rank_zero_compute, rank_zero_writer)
+from .distributed import agreed, broadcast_object, get_rank, get_world_size, rank_zero_compute
 from .curvature import release_kept_hessians
 from .ekfac import with_factor_cache
 from .influence import multi_stage_scores
 from .models import embedding_units
 from .data import DataError
 from .presets import TaskData, build_task, load_task_data
-from .runstore import RunWriter
+from .run_commit import commit_after_barrier, rank_zero_writer
+from .run_writer import RunWriter
 from .streaming import is_lazy, release_pages
 from .task import TwoStageTask
 from .training import TrainedStages, train_stages

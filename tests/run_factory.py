@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from precompute.runstore import SCORE_DEFINITION, RunWriter, now_iso
+from precompute.contract import SCORE_DEFINITION
+from precompute.run_schema import now_iso
+from precompute.run_writer import RunWriter
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
 FINETUNE_DIGITS = (5, 6, 7, 8, 9)

@@ -20,7 +20,8 @@ import torch
 
 from precompute.config import InfluenceConfig, SolverConfig
 from precompute.curvature import batched_hvp, distributed_pretrain_hvp
-from precompute.distributed import commit_after_barrier, raise_on_sigterm, rank_zero_writer, shard_range, torchrun_env
+from precompute.distributed import raise_on_sigterm, shard_range, torchrun_env
+from precompute.run_commit import commit_after_barrier, rank_zero_writer
 from precompute.fd_check import TIGHT, build_check_task
 from precompute.influence import multi_stage_scores, stacked_test_vectors
 from precompute.runstore import list_runs, open_run

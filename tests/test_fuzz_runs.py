@@ -10,7 +10,6 @@ Seeded: a failure names its case and can be replayed.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -27,7 +26,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from explorer import state  # noqa: E402
-from precompute.runstore import Run, RunStoreError, open_run  # noqa: E402
+from precompute.run_schema import RunStoreError  # noqa: E402
+from precompute.runstore import Run, open_run  # noqa: E402
 from run_factory import write_synthetic_run  # noqa: E402
 
 N_READER_CASES = 300

@@ -22,7 +22,9 @@ import pytest
 
 from precompute.cli import main
 from precompute.errors import PrecomputeError
-from precompute.runstore import RunStoreError, RunWriter, list_runs, open_run, remove_stale_temporaries
+from precompute.run_schema import RunStoreError
+from precompute.run_writer import RunWriter, remove_stale_temporaries
+from precompute.runstore import open_run
 from run_factory import write_synthetic_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +96,7 @@ def test_replacing_a_run_keeps_the_old_one_readable_until_commit(tmp_path, small
 
 def test_the_swap_is_one_atomic_exchange(tmp_path):
     """Linux renameat2(RENAME_EXCHANGE): there is no moment without a run at the path."""
-    from precompute.runstore import _exchange
+    from precompute.run_writer import _exchange
 
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "v").write_text("new")
@@ -350,7 +352,7 @@ def test_symlinks_out_of_the_run_are_refused(small_run, tmp_path, rel):
 # ---- 9. a rank that dies before the first agreement ----------------------------------------------------
 
 def _rank_dies_before_agreeing(rank: int, world_size: int, out: str) -> None:
-    from precompute.distributed import rank_zero_writer
+    from precompute.run_commit import rank_zero_writer
 
     if rank == 1:
         os._exit(3)                                        # a crash: no cleanup, sockets closed

@@ -16,15 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from precompute import runstore  # noqa: E402
-from precompute.runstore import (  # noqa: E402
-    REQUIRED_MANIFEST_KEYS,
-    SCORE_DEFINITION,
-    RunStoreError,
-    RunWriter,
-    list_runs,
-    open_run,
-    top_k_of_row,
-)
+from precompute.contract import SCORE_DEFINITION  # noqa: E402
+from precompute.run_schema import REQUIRED_MANIFEST_KEYS, RunStoreError  # noqa: E402
+from precompute.run_writer import RunWriter  # noqa: E402
+from precompute.runstore import list_runs, open_run, top_k_of_row  # noqa: E402
 from run_factory import write_synthetic_run  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer import charts, components as ui, readable, render, state
-from precompute.runstore import SCORE_DEFINITION
+from precompute.contract import SCORE_DEFINITION
 
 ctx = state.context()
 run = ctx.run
