@@ -47,8 +47,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from precompute.config import DataConfig, InfluenceConfig, SolverConfig, TrainConfig  # noqa: E402
-from precompute.ekfac import pretrain_system  # noqa: E402
-from precompute.influence import multi_stage_scores, pretrain_solver, score_pretraining  # noqa: E402
+from precompute.influence import multi_stage_scores, pretrain_solver  # noqa: E402
+from precompute.scoring import score_pretraining  # noqa: E402
 from precompute.presets import PRESET_MODELS, QUICK_CAPS, QUICK_MODELS, build_task, load_task_data  # noqa: E402
 from precompute.task import TwoStageTask  # noqa: E402
 from precompute.training import train_stages  # noqa: E402
@@ -100,7 +100,7 @@ def trained_stages(task, name: str, cache: Path | None, train_iters: int):
     if path is not None and path.exists():
         return torch.load(path, weights_only=False)
     start = time.perf_counter()
-    trained = train_stages(task, TrainConfig(max_iter=train_iters), alpha=ALPHA, progress=False)
+    trained = train_stages(task, TrainConfig(max_iter=train_iters, alpha=ALPHA), progress=False)
     print(f"{name}: trained in {time.perf_counter() - start:.0f} s: {trained.pretrain.summary()}", file=sys.stderr)
     if path is not None:
         torch.save(trained, path)
@@ -116,7 +116,7 @@ def agreement(scores: dict, reference: dict) -> dict:
 
 
 def influence_step(task, trained, ids, solver: SolverConfig):
-    config = InfluenceConfig(alpha=ALPHA, pretrain_solver=solver, finetune_solver=solver, chunk_size=1024)
+    config = InfluenceConfig(pretrain_solver=solver, finetune_solver=solver, chunk_size=1024)
     start = time.perf_counter()
     scores, diag = multi_stage_scores(task, trained, ids, config, progress=False)
     return scores, diag, time.perf_counter() - start
@@ -124,7 +124,7 @@ def influence_step(task, trained, ids, solver: SolverConfig):
 
 def query_gradients(task, trained, t: int) -> torch.Tensor:
     """∇_p ℓ_P(x_t) for the first t pretraining examples, [P, T]."""
-    from precompute.influence import per_example_gradients
+    from precompute.scoring import per_example_gradients
     return per_example_gradients(task, trained.p, task.pretrain_x[:t], task.pretrain_y[:t]).T
 
 
@@ -132,8 +132,7 @@ def single_stage_ours(task, trained, t: int, solver: SolverConfig):
     """∇ℓ_P(x_t)ᵀ (H_P + λI)⁻¹ ∇ℓ_P(z) / m for every z: [T, m] and seconds."""
     start = time.perf_counter()
     rhs = query_gradients(task, trained, t)
-    sol = (pretrain_system(task, trained.p, solver) if solver.name in ("ekfac", "pcg")
-           else pretrain_solver(task, trained.p, solver))
+    sol = pretrain_solver(task, trained.p, solver)
     s, _ = sol.solve(rhs)
     scores = score_pretraining(task, trained.p, s, 1024, progress=False)
     return scores, time.perf_counter() - start
@@ -279,7 +278,7 @@ def bench_model_light(name: str, task, trained, args) -> dict:
     for who in ("cg", "pcg"):
         cfg = SolverConfig(who, damping=damping, tol=args.light_tol, max_iter=5000, curvature="ggn")
         start = time.perf_counter()
-        solver = pretrain_system(task, trained.p, cfg) if who == "pcg" else pretrain_solver(task, trained.p, cfg)
+        solver = pretrain_solver(task, trained.p, cfg)
         x, diag = solver.solve(rhs)
         solved[who] = x
         out[who] = {"seconds": round(time.perf_counter() - start, 1), "iterations": diag.iterations,

@@ -56,15 +56,15 @@ def delete_and_rerun(args: argparse.Namespace) -> dict:
         return {s: task.test_loss(trained.q(s), ids).detach().numpy() for s in trained.finetune}
 
     task = fresh()
-    trained = train_stages(task, TrainConfig(), args.alpha, progress=False)
+    trained = train_stages(task, TrainConfig(alpha=args.alpha), progress=False)
     test_ids = [int(t) for t in args.tests.split(",")]
     ids = torch.tensor(test_ids)
     exact = SolverConfig("exact")
     scores, _ = multi_stage_scores(task, trained, test_ids,
-                                   InfluenceConfig(alpha=args.alpha, pretrain_solver=exact, finetune_solver=exact),
+                                   InfluenceConfig(pretrain_solver=exact, finetune_solver=exact),
                                    progress=False)
     ref_task = fresh(pretrain_l2=task.pretrain_l2 * (task.m - 1) / task.m)
-    reference = test_losses(ref_task, train_stages(ref_task, TrainConfig(), args.alpha, progress=False))
+    reference = test_losses(ref_task, train_stages(ref_task, TrainConfig(alpha=args.alpha), progress=False))
 
     chosen = set(np.random.default_rng(args.seed).choice(task.m, args.k, replace=False).tolist())
     for row in scores.values():
@@ -75,7 +75,7 @@ def delete_and_rerun(args: argparse.Namespace) -> dict:
     for z in sorted(chosen):
         keep = torch.arange(task.m) != z
         deleted = fresh(pretrain_x=task.pretrain_x[keep], pretrain_y=task.pretrain_y[keep])
-        losses = test_losses(deleted, train_stages(deleted, TrainConfig(), args.alpha, progress=False))
+        losses = test_losses(deleted, train_stages(deleted, TrainConfig(alpha=args.alpha), progress=False))
         for s in scores:
             predicted[s].append(scores[s][:, z])
             actual[s].append(losses[s] - reference[s])

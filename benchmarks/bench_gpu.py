@@ -123,10 +123,10 @@ def main() -> None:
     autocast_device = "cuda" if cuda else "cpu"
 
     task = digits_task(device, torch.float32, args.hidden)
-    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0),
-                           alpha=0.1, progress=False)
+    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0,
+                                               alpha=0.1), progress=False)
     p = trained.p
-    config = InfluenceConfig(alpha=0.1, pretrain_solver=SolverConfig("exact", damping=1e-3),
+    config = InfluenceConfig(pretrain_solver=SolverConfig("exact", damping=1e-3),
                              finetune_solver=SolverConfig("exact", damping=1e-3))
     vectors, _ = stacked_test_vectors(task, trained, list(range(args.tests)), config)
     s = torch.cat([vectors["fixed"], vectors["updated"]], dim=1)

@@ -101,9 +101,9 @@ def prepare(workdir: Path, m: int, tests: int) -> dict:
     write_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0),
-                           alpha=0.1, progress=False)
-    config = InfluenceConfig(alpha=0.1, pretrain_solver=SolverConfig("exact", damping=1e-3),
+    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0,
+                                               alpha=0.1), progress=False)
+    config = InfluenceConfig(pretrain_solver=SolverConfig("exact", damping=1e-3),
                              finetune_solver=SolverConfig("exact", damping=1e-3))
     vectors, _ = stacked_test_vectors(task, trained, list(range(tests)), config)
     s = torch.cat([vectors["fixed"], vectors["updated"]], dim=1)

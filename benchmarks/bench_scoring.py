@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from precompute.config import DataConfig, InfluenceConfig, TrainConfig  # noqa: E402
-from precompute.influence import per_example_gradients, score_pretraining, stacked_test_vectors  # noqa: E402
+from precompute.influence import stacked_test_vectors  # noqa: E402
+from precompute.scoring import per_example_gradients, score_pretraining  # noqa: E402
 from precompute.presets import PRESET_MODELS, build_task, load_task_data  # noqa: E402
 from precompute.training import train_stages  # noqa: E402
 
@@ -112,8 +113,8 @@ def main() -> None:
         return
 
     task = build(1, args.device, dtype)
-    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0),
-                           alpha=1.0, progress=False)
+    trained = train_stages(task, TrainConfig(max_iter=300, lbfgs_tol=1e-4, grad_tol=1e-4, newton_polish=0,
+                                               alpha=1.0), progress=False)
     p = trained.p
     test_ids = list(range(args.tests))
     config = InfluenceConfig(chunk_size=args.chunk)

@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model = PRESET_MODELS["digits"]
     task = build_task(load_task_data(DataConfig(preset="digits"), model), model).to(args.device, getattr(torch, args.dtype))
-    trained = train_stages(task, TrainConfig(), alpha=0.1, progress=False)
+    trained = train_stages(task, TrainConfig(alpha=0.1), progress=False)
     ids = list(range(args.tests))
     solvers = {"exact": SolverConfig("exact", damping=args.damping),
                "cg": SolverConfig("cg", damping=args.damping, tol=1e-8, max_iter=2000),
@@ -50,7 +50,7 @@ def main() -> None:
                "pcg": SolverConfig("pcg", damping=args.damping, tol=1e-8, max_iter=2000)}
     results, reference = {}, None
     for name, solver in solvers.items():
-        config = InfluenceConfig(alpha=0.1, pretrain_solver=solver, finetune_solver=solver, chunk_size=1024)
+        config = InfluenceConfig(pretrain_solver=solver, finetune_solver=solver, chunk_size=1024)
         start = time.perf_counter()
         try:
             scores, diag = multi_stage_scores(task, trained, ids, config, progress=False)

@@ -10,7 +10,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from explorer.render import HARMFUL, HELPFUL, KIND_COLORS, KIND_LABELS, NEUTRAL, RANDOM
-from precompute.metrics import detection_curve, fit_summary as fit_stats  # noqa: F401 (pages use these names)
 
 KIND_ORDER = ("helpful", "harmful", "random")
 _FONT = dict(family="Source Sans, Source Sans Pro, sans-serif", size=14)

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from .config import SolverConfig, ValidationConfig
-from .ekfac import pretrain_system
-from .influence import gradients_at_test_points, per_example_gradients, pretrain_solver, score_pretraining
+from .influence import gradients_at_test_points, pretrain_solver
+from .scoring import per_example_gradients, score_pretraining
 from .metrics import pearson, spearman
 from .solvers import InverseHVP
 from .task import TwoStageTask
@@ -88,12 +88,12 @@ def baseline_scores(task: TwoStageTask, trained: TrainedStages, test_ids, scenar
 
     # Single-stage influence, exact and EK-FAC: every scenario's right-hand sides in one solve each and
     # one streamed pass for both.
-    inverse = solver if isinstance(solver, InverseHVP) else pretrain_solver(task, p, solver)
+    inverse = solver if isinstance(solver, InverseHVP) else pretrain_solver(task, p, solver, hessians=trained.hessians)
     rhs = torch.cat([test_grads[s].T for s in scenarios], dim=1)
     rhs = torch.cat([rhs, torch.zeros(task.w_layout.size, rhs.shape[1], dtype=rhs.dtype, device=rhs.device)])
     vectors, _ = inverse.solve(rhs)
-    damping = solver.damping if isinstance(solver, SolverConfig) else 0.0
-    kfac, _ = pretrain_system(task, p, SolverConfig("ekfac", damping=damping)).solve(rhs)
+    damping = float(solver.damping)
+    kfac, _ = pretrain_solver(task, p, SolverConfig("ekfac", damping=damping)).solve(rhs)
     single = score_pretraining(task, p, torch.cat([vectors, kfac], dim=1), chunk_size,
                                progress=progress).astype(np.float64)
     n = len(scenarios) * t

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .curvature import batched_hvp, dense_hessian
+from .curvature import SharedHessian, batched_hvp, dense_hessian
 from .errors import PrecomputeError
 from .solvers import lanczos
 
@@ -89,24 +89,25 @@ def lanczos_extremes(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LA
 
 
 def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
-                       key: tuple | None = None) -> tuple[float, Tensor, str, float]:
+                       shared: SharedHessian | None = None) -> tuple[float, Tensor, str, float]:
     """(λ_min, unit eigenvector [D], method, largest |eigenvalue|) of ∇²objective(x): dense up to
-    ``dense_max`` parameters (``key`` shares the dense build, see ``curvature.dense_hessian``), Lanczos above."""
+    ``dense_max`` parameters (``shared``: where the dense build is shared, see ``curvature.dense_hessian``), Lanczos above."""
     hvp = batched_hvp(objective, x)
     if x.numel() <= dense_max:
-        evals, evecs = torch.linalg.eigh(dense_hessian(hvp, x.numel(), x.dtype, x.device, key=key))
+        evals, evecs = torch.linalg.eigh(dense_hessian(hvp, x.numel(), x.dtype, x.device, shared=shared))
         return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
     value, vector, largest = lanczos_extremes(hvp, x)
     return value, vector, "lanczos", largest
 
 
 def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, dense_max: int,
-            key: tuple | None = None, gradient: Callable[[Tensor], Tensor] | None = None) -> tuple[Certificate, Tensor]:
+            shared: SharedHessian | None = None,
+            gradient: Callable[[Tensor], Tensor] | None = None) -> tuple[Certificate, Tensor]:
     """The certificate of ``x`` and the eigenvector of its smallest Hessian eigenvalue (a way off a saddle).
 
     ``gradient``: x -> ∇objective(x) when autograd through ``objective`` is not the way (streamed sets)."""
     g = gradient(x) if gradient is not None else torch.func.grad(objective)(x.detach())
-    eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, key)
+    eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, shared)
     floor = ROUNDING_FACTOR * torch.finfo(x.dtype).eps * eig_max * max(float(x.norm()), 1.0)
     return Certificate(float(g.norm()), eig_min, grad_tol, method, floor), vector
 

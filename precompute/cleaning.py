@@ -54,10 +54,11 @@ from torch import Tensor
 
 from .config import CleaningConfig, InfluenceConfig
 from .contract import NON_SIGNAL_COLUMNS
-from .influence import pretrain_solver, score_pretraining, stacked_test_vectors
+from .errors import ConfigError
+from .influence import pretrain_solver, stacked_test_vectors
 from .metrics import auc, detection_curve, recall_at, top_fraction
 from .retraining import Retrainer, retrain, solve_stage
-from .scoring import self_influence
+from .scoring import score_pretraining, self_influence
 from .solvers import InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -132,7 +133,7 @@ def finetune_test_metrics(task: TwoStageTask, q: Tensor, test_ids=None) -> tuple
 def audit_split(n_test: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(audit ids, held-out ids), sorted int64; ``fraction`` of the test ids go to the audit part."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"audit_fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"audit_fraction must be in (0, 1], got {fraction}")
     order = np.random.default_rng((seed, 0xA0D1)).permutation(n_test)
     k = n_test if fraction >= 1 else min(n_test - 1, max(1, int(round(fraction * n_test))))
     return np.sort(order[:k]), np.sort(order[k:])
@@ -228,7 +229,7 @@ def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, s
     (the output of ``suspect_scores``) let a caller reuse work it has already done.
     """
     p = trained.p
-    solver = solver or pretrain_solver(task, p, config.pretrain_solver)
+    solver = solver or pretrain_solver(task, p, config.pretrain_solver, hessians=trained.hessians)
     if scores is None:
         vectors = suspect_test_vectors(task, trained, scenario, suspect_test_ids, config, solver)
         scores = suspect_scores(task, p, vectors, config.chunk_size)
@@ -374,7 +375,7 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     audit, heldout = audit_split(len(task.test_x), cleaning.audit_fraction, cleaning.seed)
     misclassified = np.intersect1d(misclassified_test_ids(task, trained.q(scenario)), audit)
     suspects = misclassified if len(misclassified) else audit
-    solver = pretrain_solver(task, trained.p, config.pretrain_solver)
+    solver = pretrain_solver(task, trained.p, config.pretrain_solver, hessians=trained.hessians)
     vectors = suspect_test_vectors(task, trained, scenario, suspects.tolist(), config, solver)
     scores = suspect_scores(task, trained.p, vectors, config.chunk_size)
     retrainer = Retrainer(task, trained)

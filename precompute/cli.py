@@ -107,7 +107,7 @@ def _paths(dest: str) -> tuple[str, ...]:
 
 
 def _field(path: str) -> Field:
-    """The dataclass field at a dotted path: "influence.alpha" -> InfluenceConfig.alpha."""
+    """The dataclass field at a dotted path: "train.alpha" -> TrainConfig.alpha."""
     owner: type = RunConfig
     *parents, name = path.split(".")
     for part in parents:
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", **option("solver.damping"))
     g.add_argument("--rank", **option("solver.rank"))
     g.add_argument("--max-iter", **option("solver.max_iter"))
-    g.add_argument("--alpha", **option("influence.alpha"))
+    g.add_argument("--alpha", **option("train.alpha"))
     g.add_argument("--scenarios", type=_csv(), **option("influence.scenarios"))
     g.add_argument("--n-test", **option("n_test_points"))
     g.add_argument("--test-ids", type=_csv(int), **option("test_ids"))
@@ -358,8 +358,8 @@ def pipeline_main(argv: list[str]) -> int:
         pass
     try:
         init_distributed(args.device or RunConfig.device)   # joins torchrun's process group; no-op otherwise
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (PrecomputeError, RuntimeError) as err:   # RuntimeError: torch's rendezvous could not connect
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     try:
         return run_jobs(args, get_rank() == 0)
@@ -401,7 +401,7 @@ def run_jobs(args: argparse.Namespace, main_rank: bool) -> int:
             if note:
                 say(note)
             summary = run_pipeline(config)
-        except (PrecomputeError, ValueError) as err:   # DataError, TaskError, RetrainError, ... and configs
+        except PrecomputeError as err:              # DataError, ConfigError, TaskError, RetrainError, ...
             if main_rank:                           # other ranks' errors reach rank 0 by name
                 print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["check"]:
             return check_main(argv[1:])
         return pipeline_main(argv)
-    except (PrecomputeError, ValueError) as err:
+    except PrecomputeError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 SOLVERS = ("auto", "exact", "cg", "lissa", "arnoldi", "ekfac", "pcg", "lanczos-pcg")
+KFAC_SOLVERS = ("ekfac", "pcg")     # built on the EK-FAC factors of a model's layers
 CURVATURES = ("hessian", "ggn")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, pcg or cg above
 SCENARIOS = ("fixed", "updated")
@@ -30,7 +33,7 @@ class SolverConfig:
     """How to apply an inverse Hessian, ``x = (H + damping·I)⁻¹ b``.
 
     name:     "auto" ("exact" up to AUTO_EXACT_MAX_DIM parameters; above, "pcg" when every parameter
-              sits in a Linear/Conv2d layer and L2 + damping > 0, else "cg"; ``ekfac.auto_solver``),
+              sits in a Linear/Conv2d layer and L2 + damping > 0, else "cg"; ``solver_registry.resolve``),
               "exact" (dense Hessian + eigendecomposition; P up to a few thousand),
               "cg" (conjugate gradient, batched over right-hand sides),
               "lissa" (Neumann series; scale from a power-iteration estimate of λ_max),
@@ -82,11 +85,11 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
-            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
+            raise ConfigError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
         if self.name not in SOLVERS:
-            raise ValueError(f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
+            raise ConfigError(f"unknown solver {self.name!r}; choose one of {', '.join(SOLVERS)}")
         if self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
+            raise ConfigError(f"damping must be >= 0, got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class TrainConfig:
                 another CPU's rounding (1e-12 moves a non-convex trajectory as far as another BLAS
                 does) for seed sweeps; 0 = the modules' initial weights exactly.
     jitter_seed: seed of that perturbation.
+    alpha:      proximal coefficient α of the "updated" finetune, (α/2)‖θ − θ*‖²; the trained stages
+                record it (``TrainedStages.alpha``) and the influence of that scenario reads it there.
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the
                 task's pretraining inputs are ``LazyRows`` (memory-mapped), in chunks of 4,096;
@@ -130,16 +135,20 @@ class TrainConfig:
     init_jitter: float = knob(0.0, "relative perturbation of the initial weights (e.g. 1e-12) to emulate another "
                                    "CPU's rounding in seed sweeps; 0 = none")
     jitter_seed: int = 0
+    alpha: float = knob(0.1, "proximal coefficient α of the 'updated' scenario (larger keeps the finetuned "
+                             "embedding closer to the pretrained one)")
 
     def __post_init__(self) -> None:
         if self.stream_chunk < 0:
-            raise ValueError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
+            raise ConfigError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
         if self.max_iter < 0:
-            raise ValueError(f"training iterations (--train-iters) must be >= 0, got {self.max_iter}")
+            raise ConfigError(f"training iterations (--train-iters) must be >= 0, got {self.max_iter}")
         if not 0 <= self.init_jitter < 1:
-            raise ValueError(f"init_jitter must be in [0, 1), got {self.init_jitter}")
+            raise ConfigError(f"init_jitter must be in [0, 1), got {self.init_jitter}")
         if self.newton_polish < 0:
-            raise ValueError(f"Newton steps (--newton-steps) must be >= 0, got {self.newton_polish}")
+            raise ConfigError(f"Newton steps (--newton-steps) must be >= 0, got {self.newton_polish}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 (without the proximal term the influence is 0), got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,7 @@ class InfluenceConfig:
 
     scenarios:  which finetuning scenarios to score: "fixed" (embedding frozen during finetuning)
                 and/or "updated" (embedding finetuned with the proximal term (α/2)‖θ − θ*‖²).
-    alpha:      proximal coefficient α of the "updated" scenario.
+                (α comes from the trained stages: ``TrainConfig.alpha``, recorded in ``TrainedStages.alpha``.)
     pretrain_solver: solver for H_P⁻¹ over (θ, W).
     finetune_solver: solver for H_UU⁻¹ ("fixed") or (H_F + αD)⁻¹ ("updated").
     chunk_size: pretraining examples per chunk of the streamed scoring pass; peak memory is
@@ -164,8 +173,6 @@ class InfluenceConfig:
     """
 
     scenarios: tuple[str, ...] = knob(SCENARIOS, "finetuning scenarios to score, comma-separated")
-    alpha: float = knob(0.1, "proximal coefficient α of the 'updated' scenario (larger keeps the finetuned "
-                             "embedding closer to the pretrained one)")
     pretrain_solver: SolverConfig = field(default_factory=SolverConfig)
     finetune_solver: SolverConfig = field(default_factory=SolverConfig)
     chunk_size: int = knob(256, "pretraining examples per scoring chunk")
@@ -178,13 +185,11 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         for s in self.scenarios:
             if s not in SCENARIOS:
-                raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (without the proximal term the influence is 0), got {self.alpha}")
+                raise ConfigError(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
         if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.score_precision not in SCORE_PRECISIONS:
-            raise ValueError(f"unknown score precision {self.score_precision!r}; choose from "
+            raise ConfigError(f"unknown score precision {self.score_precision!r}; choose from "
                              f"{', '.join(SCORE_PRECISIONS)}")
 
 
@@ -348,5 +353,5 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.influence.score_precision != "full" and self.dtype != "float32":
-            raise ValueError(f"score precision {self.influence.score_precision} needs a float32 model "
+            raise ConfigError(f"score precision {self.influence.score_precision} needs a float32 model "
                              f"(autocast leaves {self.dtype} untouched); add --dtype float32")

@@ -16,14 +16,15 @@ all-reduce makes identical on every rank, so a solve with the same right-hand si
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .config import CURVATURES
 from .distributed import all_reduce_sum, get_rank, get_world_size, is_distributed, shard_range
+from .errors import ConfigError
 from .streaming import DEFAULT_CHUNK, StreamedPretrainObjective, batched_double_backward, is_lazy
 from .task import TwoStageTask
 
@@ -48,38 +49,69 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
 
 
 def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.device | str,
-                  block: int = 256, key: tuple | None = None) -> Tensor:
+                  block: int = 256, shared: SharedHessian | None = None) -> Tensor:
     """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``.
 
-    ``key`` (``hessian_key("pretrain", task, p)`` or ``updated_hessian_key(...)``) names the matrix: the
-    last keyed one per stage name (key[0]) of at most ``SHARED_HESSIAN_MAX_DIM`` rows is kept until
-    ``release_kept_hessians()`` (the end of a run), so the training certificate, the influence solve and the retraining
-    preconditioner at the same trained point share one build (``dim`` products each otherwise)."""
-    if key is not None and key[0] in _KEPT and _KEPT[key[0]][0] == key:
-        return _KEPT[key[0]][1]
+    ``shared`` names the matrix in a ``HessianStore`` (a trained chain's): built once there, then
+    returned to the training certificate, the influence solve and the retraining preconditioner at
+    the same point (``dim`` products each otherwise)."""
+    if shared is not None and (kept := shared.store.lookup(shared.key)) is not None:
+        return kept
     eye = torch.eye(dim, dtype=dtype, device=device)
     h = torch.cat([hvp(eye[:, i: i + block]) for i in range(0, dim, block)], dim=1)
     h = 0.5 * (h + h.T)
-    if key is not None and dim <= SHARED_HESSIAN_MAX_DIM:
-        _KEPT[key[0]] = (key, h)
+    if shared is not None:
+        shared.store.keep(shared.key, h)
     return h
 
 
 SHARED_HESSIAN_MAX_DIM = 5000
 """Largest Hessian kept for sharing (200 MB in float64); also the retraining's dense limit
 (``retraining.MAX_DENSE_PARAMS``), above which retraining builds no dense Hessian to share it with."""
-_KEPT: dict[str, tuple[tuple, Tensor]] = {}
-"""Stage name -> (key, dense Hessian): at most one kept matrix per stage ("pretrain", "updated")."""
 
 
-def kept_hessian_keys() -> list[tuple]:
-    """The keys of the dense Hessians kept for sharing now (diagnostics and tests)."""
-    return [key for key, _ in _KEPT.values()]
+class HessianStore:
+    """Dense Hessians of one trained chain, at most one per stage ("pretrain", "updated"), each of at
+    most ``SHARED_HESSIAN_MAX_DIM`` rows. ``TrainedStages.hessians`` holds one: the matrices live as
+    long as the trained stages (or until ``clear``), and nothing is shared between chains."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple, Tensor]] = {}
+
+    def slot(self, key: tuple) -> "SharedHessian":
+        """A handle for ``dense_hessian(..., shared=...)``; ``key`` from ``hessian_key``/``updated_hessian_key``."""
+        return SharedHessian(self, key)
+
+    def lookup(self, key: tuple) -> Tensor | None:
+        kept = self._kept.get(key[0])
+        return kept[1] if kept is not None and kept[0] == key else None
+
+    def keep(self, key: tuple, hessian: Tensor) -> None:
+        """Keeps ``hessian`` as its stage's matrix (replacing an older point's), if it is small enough."""
+        if hessian.shape[0] <= SHARED_HESSIAN_MAX_DIM:
+            self._kept[key[0]] = (key, hessian)
+
+    def keys(self) -> list[tuple]:
+        """The keys of the matrices kept now (diagnostics and tests)."""
+        return [key for key, _ in self._kept.values()]
+
+    def clear(self) -> None:
+        """Drops every kept matrix (a run calls it when validation and baselines are done)."""
+        self._kept.clear()
+
+    def __getstate__(self) -> dict:
+        return {}          # broadcast with the trained stages, it travels empty: each rank builds its own
+
+    def __setstate__(self, state: dict) -> None:
+        self._kept = {}
 
 
-def release_kept_hessians() -> None:
-    """Drops every kept Hessian (the end of a run, whatever happened in it)."""
-    _KEPT.clear()
+@dataclass(frozen=True)
+class SharedHessian:
+    """Where a dense Hessian is shared: a store and the key of the stage and point."""
+
+    store: HessianStore
+    key: tuple
 
 
 def hessian_key(what: str, task, point: Tensor) -> tuple:
@@ -96,7 +128,7 @@ def updated_hessian_key(task, q: Tensor, anchor: Tensor, alpha: float) -> tuple:
 
 def distributed_hvp(objective_per_shard: Callable[[Tensor], Tensor] | None, x: Tensor, l2: float = 0.0,
                     rhs_block: int = 64) -> BatchedHVP:
-    """V [D, k] -> (Σ_ranks ∇²objective_r(x) + l2·I) V, for ``make_solver(hvp, dim, config, ...)``.
+    """V [D, k] -> (Σ_ranks ∇²objective_r(x) + l2·I) V, for ``solver_registry.LinearSystem``.
 
     ``objective_per_shard``: this rank's share of the objective, already divided by the FULL
     denominator (e.g. (1/m) Σ_{i∈shard} w_i ℓ_i), without the L2 term; None for an empty shard.
@@ -277,4 +309,4 @@ def finetune_curvature(task, q: Tensor, anchor: Tensor | None = None, alpha: flo
 
 def _check_curvature(curvature: str) -> None:
     if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; choose from {', '.join(CURVATURES)}")
+        raise ConfigError(f"unknown curvature {curvature!r}; choose from {', '.join(CURVATURES)}")

@@ -36,119 +36,30 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import grad, vmap
 
-from .config import AUTO_EXACT_MAX_DIM, SolverConfig
-from .curvature import BatchedHVP, Outputs, finetune_curvature, output_hessian_sqrt, pretrain_curvature
+from .config import KFAC_SOLVERS, SolverConfig
+from .curvature import BatchedHVP, Outputs, output_hessian_sqrt
 from .distributed import all_reduce_sum, broadcast_vectors, get_rank, get_world_size, shard_range
-from .solvers import InverseHVP, PCGSolver, SolverError
-from .task import ParamLayout, TwoStageTask
+from .layers import (LayerBlock, LayerRecorder, Root, find_layers, finetune_roots, input_rows, output_rows,
+                     pretrain_roots)
+from .solvers import InverseHVP, SolverError
+from .task import TwoStageTask
 
 FALLBACK_RULE = "diagonal of the Gauss-Newton matrix, (1/n) Σ_i Σ_c g_ic², from per-example pseudo-gradients"
 
 
-@dataclass
-class LayerBlock:
-    """One Linear/Conv2d layer whose weight (and bias) sit in the flat vector."""
-
-    name: str                    # parameter prefix, e.g. "theta:0" (root and module name)
-    module: nn.Module
-    weight: slice                # [out · d_w] entries, row-major like ``module.weight.reshape(out, -1)``
-    bias: slice | None
-    out_features: int
-    d_w: int                     # in (Linear) or in·kh·kw (Conv2d)
-
-    @property
-    def d_in(self) -> int:
-        return self.d_w + (self.bias is not None)
-
-    @property
-    def kind(self) -> str:
-        return "conv2d" if isinstance(self.module, nn.Conv2d) else "linear"
-
-
-Root = tuple[str, nn.Module, ParamLayout]
-
-
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
-
-
-def find_layers(roots: list[Root]) -> tuple[list[LayerBlock], list[tuple[str, slice]]]:
-    """Linear/Conv2d layers of the roots laid out one after another in a flat vector, and the
-    (name, slice) of every other parameter (the diagonal fallback)."""
-    found: dict[int, dict] = {}
-    fallback: list[tuple[str, slice]] = []
-    offset = 0
-    for root_name, root, layout in roots:
-        modules = dict(root.named_modules())
-        for name, size in zip(layout.names, layout.sizes):
-            owner, _, kind = name.rpartition(".")
-            module = modules.get(owner)
-            span = slice(offset, offset + size)
-            offset += size
-            if module is not None and _supported(module) and kind in ("weight", "bias"):
-                label = f"{root_name}:{owner}" if owner else root_name
-                entry = found.setdefault(id(module), {"name": label, "module": module, "bias": None})
-                entry[kind] = span
-            else:
-                fallback.append((f"{root_name}:{name}", span))
-    blocks = []
-    for entry in found.values():
-        module = entry["module"]
-        if "weight" not in entry:           # a bias without its weight in the vector: fallback
-            fallback.append((entry["name"] + ".bias", entry["bias"]))
-            continue
-        out = module.weight.shape[0]
-        blocks.append(LayerBlock(entry["name"], module, entry["weight"], entry["bias"], out,
-                                 module.weight[0].numel()))
-    return blocks, fallback
-
-
-class _Recorder:
-    """Forward hooks that keep each block's input and output for one forward pass."""
-
-    def __init__(self, blocks: list[LayerBlock]):
-        self.blocks = blocks
-        self.calls: dict[int, list[tuple[Tensor, Tensor]]] = {id(b.module): [] for b in blocks}
-
-    def __enter__(self):
-        def record(module, inputs, output):
-            self.calls[id(module)].append((inputs[0], output))
-        self.handles = [b.module.register_forward_hook(record) for b in self.blocks]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 def _patches(block: LayerBlock, a: Tensor) -> Tensor:
-    """Layer input -> [B, L, d_in] rows whose outer products with δ give the weight gradient."""
-    m = block.module
-    if isinstance(m, nn.Conv2d):
-        a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
-    else:
-        a = a.reshape(a.shape[0], -1, a.shape[-1])
+    """Layer input -> [B, L, d_in]: ``layers.input_rows`` with the bias's column of ones appended."""
+    a = input_rows(block.module, a)
     if block.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     return a
-
-
-def _out_rows(block: LayerBlock, d: Tensor) -> Tensor:
-    """Output gradient -> [B, L, out]."""
-    if isinstance(block.module, nn.Conv2d):
-        return d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
-    return d.reshape(d.shape[0], -1, d.shape[-1])
 
 
 def layer_signals(outputs: Outputs, loss_fn, point: Tensor, x: Tensor, y: Tensor, blocks: list[LayerBlock]):
@@ -158,20 +69,19 @@ def layer_signals(outputs: Outputs, loss_fn, point: Tensor, x: Tensor, y: Tensor
     Raises ``_Reused`` if a block ran other than once in the forward pass.
     """
     leaf = point.detach().requires_grad_(True)
-    with torch.enable_grad(), _Recorder(blocks) as rec:
+    with torch.enable_grad(), LayerRecorder(blocks) as rec:
         z = outputs(leaf, x)
-    calls = [rec.calls[id(b.module)] for b in blocks]
-    reused = [b.name for b, c in zip(blocks, calls) if len(c) != 1]
-    if reused:
-        raise _Reused(reused)
+    if rec.reused():
+        raise _Reused(rec.reused())
     sqrt = output_hessian_sqrt(loss_fn, z, y)
-    outs = [c[0][1] for c in calls]
+    calls = rec.pairs()
+    outs = [out for _, out in calls]
     deltas = [[] for _ in blocks]
     for c in range(z.shape[1]):
         grads = torch.autograd.grad(z, outs, sqrt[:, :, c], retain_graph=c + 1 < z.shape[1], allow_unused=True)
         for i, (b, g) in enumerate(zip(blocks, grads)):
-            deltas[i].append(_out_rows(b, torch.zeros_like(outs[i]) if g is None else g))
-    acts = [_patches(b, c[0][0].detach()) for b, c in zip(blocks, calls)]
+            deltas[i].append(output_rows(b.module, torch.zeros_like(outs[i]) if g is None else g))
+    acts = [_patches(b, inp.detach()) for b, (inp, _) in zip(blocks, calls)]
     return acts, [torch.stack(d) for d in deltas], sqrt
 
 
@@ -364,14 +274,6 @@ def _fallback_diagonal(outputs: Outputs, point: Tensor, x: Tensor, sqrt: Tensor,
 
 # ---- the systems of the multi-stage formula ---------------------------------------------------
 
-def pretrain_roots(task: TwoStageTask) -> list[Root]:
-    return [("theta", task.embedding, task.theta_layout), ("pretrain_head", task.pretrain_head, task.w_layout)]
-
-
-def finetune_roots(task: TwoStageTask) -> list[Root]:
-    return [("theta", task.embedding, task.theta_layout), ("finetune_head", task.finetune_head, task.u_layout)]
-
-
 def cached_factors(fit: Callable[[], EKFACFactors], path: Path | None, point: Tensor, n: int,
                    roots: list[Root], data_parallel: bool = False) -> EKFACFactors:
     """Factors from ``path`` when they were saved for this point and data size, else ``fit()`` (and save).
@@ -479,65 +381,8 @@ class DeflatedEKFAC:
         return self.half(w)
 
 
-def _system_solver(config: SolverConfig, hvp: BatchedHVP, dim: int, factors: EKFACFactors, shift: Tensor,
-                   dtype, device) -> InverseHVP:
-    if config.name == "ekfac":
-        return EKFACSolver(hvp, dim, config, dtype, device, factors, shift)
-    total = shift + config.damping
-    solver = PCGSolver(hvp, dim, config, dtype, device)
-    solver.preconditioner = DeflatedEKFAC(factors, total, solver.operator, dim, config.deflation, dtype, device,
-                                          config.seed)
-    solver.curvature_model = factors.report() | {"deflation_steps": config.deflation}
-    return solver
-
-
-def pretrain_system(task: TwoStageTask, p: Tensor, config: SolverConfig,
-                    hvp: BatchedHVP | None = None, data_parallel: bool = False) -> InverseHVP:
-    """(H_P + λI)⁻¹ over (θ, W) with ``config.name`` "ekfac" or "pcg" (EK-FAC-preconditioned CG on
-    the ``config.curvature`` products). ``data_parallel``: every rank calls it, ``hvp`` is the
-    data-parallel product, and the factors are fitted shard by shard (all-reduced)."""
-    hvp = hvp or pretrain_curvature(task, p, config.curvature)
-    shift = torch.full_like(p, task.pretrain_l2)
-    return _system_solver(config, hvp, task.n_pretrain_params, pretrain_factors(task, p, config, data_parallel),
-                          shift, p.dtype, p.device)
-
-
-def updated_system(task: TwoStageTask, q: Tensor, anchor: Tensor, alpha: float, config: SolverConfig) -> InverseHVP:
-    """(H_F + αD + λI)⁻¹ over (θ, U): α adds to θ-layers' eigenvalues, λ_F to U's."""
-    hvp = finetune_curvature(task, q, anchor, alpha, config.curvature)
-    shift = torch.cat([torch.full((task.n_theta,), float(alpha), dtype=q.dtype, device=q.device),
-                       torch.full((task.u_layout.size,), task.finetune_l2, dtype=q.dtype, device=q.device)])
-    return _system_solver(config, hvp, task.n_finetune_params, finetune_factors(task, q, config), shift,
-                          q.dtype, q.device)
-
-
-def auto_solver(config: SolverConfig, dim: int, roots: list[Root], shift: float) -> SolverConfig:
-    """``config`` with "auto" resolved for a system of ``dim`` parameters over ``roots`` whose objective
-    adds at least ``shift`` (L2, α) to every diagonal entry; other names pass through unchanged.
-
-    "exact" up to AUTO_EXACT_MAX_DIM; above, "pcg" when EK-FAC models every parameter (all sit in
-    Linear/Conv2d layers: no diagonal fallback) and its damped inverse exists (shift + damping > 0),
-    else "cg". pcg's answers are cg's (exact up to tol) in fewer iterations: measured on a P = 8,965
-    MLP (float64, T = 32, damping 1e-3) 52/50 iterations and 185 s against cg's 98/164 and 496 s.
-    """
-    if config.name != "auto":
-        return config
-    if dim <= AUTO_EXACT_MAX_DIM:
-        return replace(config, name="exact")
-    preconditioned = shift + config.damping > 0 and not find_layers(roots)[1]
-    return replace(config, name="pcg" if preconditioned else "cg")
-
-
-def head_config(config: SolverConfig, dim: int) -> SolverConfig:
-    """The fixed scenario's H_UU solve: the head is small, so exact (cg above AUTO_EXACT_MAX_DIM)."""
-    return replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
-
-
-KFAC_SOLVERS = ("ekfac", "pcg")
-
-__all__ = ["EKFACFactors", "EKFACSolver", "FALLBACK_RULE", "KFAC_SOLVERS", "LayerBlock", "auto_solver",
-           "find_layers", "finetune_factors", "fit_ekfac", "head_config", "layer_signals", "pretrain_factors",
-           "pretrain_system", "updated_system"]
+__all__ = ["DeflatedEKFAC", "EKFACFactors", "EKFACSolver", "FALLBACK_RULE", "finetune_factors", "fit_ekfac",
+           "layer_signals", "pretrain_factors", "with_factor_cache"]
 
 
 def with_factor_cache(influence, directory: Path | None):

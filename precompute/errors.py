@@ -13,3 +13,7 @@ from __future__ import annotations
 
 class PrecomputeError(Exception):
     """Base of every project error. The message is one line: what is wrong and how to fix it."""
+
+
+class ConfigError(PrecomputeError, ValueError):
+    """A setting or argument is out of range or unknown (a config field, a chunk size, a device)."""

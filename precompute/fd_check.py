@@ -19,7 +19,7 @@ convergence noise may dominate it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from torch import nn
 
 from .config import InfluenceConfig, SolverConfig, TrainConfig
 from .curvature import batched_hvp, dense_hessian
-from .influence import per_example_gradients, stacked_test_vectors
+from .influence import stacked_test_vectors
+from .scoring import per_example_gradients
 from .task import Measurement, TwoStageTask
 from .training import TrainedStages, train_stages
 
@@ -139,9 +140,9 @@ def run_check(test_ids: tuple[int, ...] = (0, 1, 2), per_test: int = 2, alpha: f
     test id; f is the test loss, or ``measurement`` (e.g. ``precompute.task.correct_class_margin``)."""
     task = build_check_task(seed)
     task.measurement = measurement
-    trained = train_stages(task, TIGHT, alpha, progress=False)
+    trained = train_stages(task, replace(TIGHT, alpha=alpha), progress=False)
     exact = SolverConfig("exact")
-    config = InfluenceConfig(alpha=alpha, pretrain_solver=exact, finetune_solver=exact)
+    config = InfluenceConfig(pretrain_solver=exact, finetune_solver=exact)
     vectors, _ = stacked_test_vectors(task, trained, list(test_ids), config)
     grads = per_example_gradients(task, trained.p, task.pretrain_x, task.pretrain_y)      # [m, P] float64
     result = CheckResult(alpha, step, task.m, (task.n_pretrain_params, task.n_finetune_params))

@@ -24,6 +24,7 @@ products of the solve stream too.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,19 +35,36 @@ from torch.func import jacrev
 
 from . import progress as progress_report
 from .config import InfluenceConfig, SolverConfig
-from .contract import SCORE_DEFINITION
-from .curvature import (batched_hvp, distributed_pretrain_hvp, finetune_curvature, hessian_key, pretrain_curvature,
-                        updated_hessian_key)
+from .curvature import (HessianStore, batched_hvp, distributed_pretrain_hvp, finetune_curvature, hessian_key,
+                        pretrain_curvature, updated_hessian_key)
 from .distributed import agreed, broadcast_object, broadcast_vectors, get_rank, get_world_size, rank_zero_compute
-from .scoring import (AUTOCAST_DTYPES, JVP_MAX_COLUMNS, PRECISION_SAMPLE, SCORING_METHODS,
-                      add_precision_check, directional_derivatives,
-                      per_example_gradients, precision_check, score_pretraining, sharded_score_pretraining)
-from .lowrank import solver_for
-from .solvers import BatchedHVP, ExactSolver, InverseHVP, SolverError
-from .ekfac import (KFAC_SOLVERS, auto_solver, finetune_roots, head_config, pretrain_roots, pretrain_system,
-                    updated_system)
+from .scoring import add_precision_check, sharded_score_pretraining
+from .ekfac import finetune_factors, pretrain_factors
+from .layers import find_layers, finetune_roots, pretrain_roots
+from .solver_registry import LinearSystem, build_solver, resolve_auto, small_system_config
+from .solvers import ArnoldiSolver, BatchedHVP, ExactSolver, InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
+
+
+class ProductMeter:
+    """``on_product`` for a solver built once and used later (``MultiStageInfluence.fit``): it counts
+    the Hessian columns of each product into the progress bar open at that moment (``reporting``)."""
+
+    def __init__(self) -> None:
+        self.bar: progress_report.Bar | None = None
+
+    def __call__(self, columns: int) -> None:
+        if self.bar is not None:
+            self.bar.update(columns)
+
+    @contextmanager
+    def reporting(self, bar: progress_report.Bar):
+        self.bar = bar
+        try:
+            yield bar
+        finally:
+            self.bar = None
 
 
 def counted(hvp: BatchedHVP, on_product: Callable[[int], object] | None) -> BatchedHVP:
@@ -62,33 +80,53 @@ def counted(hvp: BatchedHVP, on_product: Callable[[int], object] | None) -> Batc
     return apply
 
 
-def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
-                    on_product: Callable[[int], object] | None = None, data_parallel: bool = False) -> InverseHVP:
-    """(H_P + λI)⁻¹ at p*, over all of (θ, W); reusable for every test point and scenario.
+def pretrain_system(task: TwoStageTask, p: Tensor, config: SolverConfig,
+                    on_product: Callable[[int], object] | None = None, data_parallel: bool = False,
+                    hessians: HessianStore | None = None) -> LinearSystem:
+    """The system (H_P + λI) over all of (θ, W) at p*: products of ``config.curvature``, the EK-FAC
+    factors of the pretraining layers (fitted on first use, shard by shard with ``data_parallel``),
+    L2 λ_P on the diagonal, and the dense Hessian shared through ``hessians`` (the training
+    certificate's build, reused by the retraining check).
 
-    On a task whose pretraining inputs are ``LazyRows`` every Hessian-vector product is a chunked
-    pass over them (``precompute.streaming``), so memory does not grow with m. ``data_parallel``:
-    each product sums every rank's shard part (``distributed_pretrain_hvp``; collective, so every
-    rank must ``solve`` the same right-hand side). ``config.curvature`` "ggn" uses Gauss-Newton
-    products (one process, or rank 0 alone under torchrun); "ekfac" and "pcg" fit EK-FAC factors;
-    "auto" resolves by ``pretrain_config``."""
-    config = pretrain_config(task, config)
+    On a task whose pretraining inputs are ``LazyRows`` every product is a chunked pass over them
+    (``precompute.streaming``), so memory does not grow with m. ``data_parallel``: each product sums
+    every rank's shard part (``distributed_pretrain_hvp``; collective, so every rank must ``solve``
+    the same right-hand side); Hessian products only."""
     if data_parallel and config.curvature != "hessian":
         raise TaskError(f"--curvature {config.curvature} under torchrun needs --rank-zero-solve (the "
                         "data-parallel products are Hessian products)")
     hvp = distributed_pretrain_hvp(task, p) if data_parallel else pretrain_curvature(task, p, config.curvature)
-    hvp = counted(hvp, on_product)
-    if config.name in KFAC_SOLVERS:                        # EK-FAC factors of this task's layers
-        return pretrain_system(task, p, config, hvp, data_parallel)
-    solver = solver_for(hvp, task.n_pretrain_params, config, p.dtype, p.device)
-    if isinstance(solver, ExactSolver) and config.curvature == "hessian" and not data_parallel:
-        solver.hessian_key = hessian_key("pretrain", task, p)      # shared with the retraining check
-    return solver
+    keep = hessians is not None and config.curvature == "hessian" and not data_parallel
+    return LinearSystem(counted(hvp, on_product), task.n_pretrain_params, p.dtype, p.device,
+                        roots=tuple(pretrain_roots(task)), shift=torch.full_like(p, task.pretrain_l2),
+                        factors=lambda: pretrain_factors(task, p, config, data_parallel),
+                        shared=hessians.slot(hessian_key("pretrain", task, p)) if keep else None)
+
+
+def pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
+                    on_product: Callable[[int], object] | None = None, data_parallel: bool = False,
+                    hessians: HessianStore | None = None) -> InverseHVP:
+    """(H_P + λI)⁻¹ at p*, over all of (θ, W); reusable for every test point and scenario
+    (``pretrain_system``; "auto" resolves by ``pretrain_config``)."""
+    return build_solver(pretrain_system(task, p, config, on_product, data_parallel, hessians), config)
 
 
 def pretrain_config(task: TwoStageTask, config: SolverConfig) -> SolverConfig:
-    """``config`` with "auto" resolved for (H_P + λI) over (θ, W): exact, pcg or cg (``ekfac.auto_solver``)."""
-    return auto_solver(config, task.n_pretrain_params, pretrain_roots(task), task.pretrain_l2)
+    """``config`` with "auto" resolved for (H_P + λI) over (θ, W): exact, pcg or cg (``solver_registry.resolve``)."""
+    return resolve_auto(config, task.n_pretrain_params, task.pretrain_l2, not find_layers(pretrain_roots(task))[1])
+
+
+def updated_system(task: TwoStageTask, q: Tensor, anchor: Tensor, alpha: float, config: SolverConfig,
+                   hessians: HessianStore | None = None) -> LinearSystem:
+    """The system (H_F + αD + λI) over (θ, U) at (θ_ft, U*): α on θ's diagonal and λ_F on U's (which
+    EK-FAC adds to the layers' eigenvalues); the dense Hessian is the training certificate's."""
+    shift = torch.cat([torch.full((task.n_theta,), float(alpha), dtype=q.dtype, device=q.device),
+                       torch.full((task.u_layout.size,), task.finetune_l2, dtype=q.dtype, device=q.device)])
+    keep = hessians is not None and config.curvature == "hessian"
+    return LinearSystem(finetune_curvature(task, q, anchor, alpha, config.curvature), task.n_finetune_params,
+                        q.dtype, q.device, roots=tuple(finetune_roots(task)), shift=shift,
+                        factors=lambda: finetune_factors(task, q, config),
+                        shared=hessians.slot(updated_hessian_key(task, q, anchor, alpha)) if keep else None)
 
 
 def gradients_at_test_points(task: TwoStageTask, q: Tensor, test_ids: Tensor) -> Tensor:
@@ -119,26 +157,19 @@ def embedding_sensitivity_fixed(task: TwoStageTask, q: Tensor, test_ids: Tensor,
     full_hvp = batched_hvp(task.finetune_objective, q)            # over (θ, U), no proximal term
 
     uu_hvp = batched_hvp(lambda u: task.finetune_objective(torch.cat([theta, u])), q[nt:])
-    if config.name in KFAC_SOLVERS:                        # the head is small: solve it exactly
-        config = head_config(config, task.u_layout.size)
-    solver = solver_for(uu_hvp, task.u_layout.size, config, q.dtype, q.device)
+    head = LinearSystem(uu_hvp, task.u_layout.size, q.dtype, q.device)          # small: exact unless huge
+    solver = build_solver(head, small_system_config(config, task.u_layout.size))
     v, diag = solver.solve(grads[nt:])                             # H_UU⁻¹ ∇_U f, [PU, T]
     cross = full_hvp(torch.cat([torch.zeros(nt, v.shape[1], dtype=v.dtype, device=v.device), v]))[:nt]
     return EmbeddingSensitivity(grads[:nt] - cross, {"finetune_solve": diag.as_dict()})
 
 
 def embedding_sensitivity_updated(task: TwoStageTask, q: Tensor, anchor: Tensor, alpha: float,
-                                  test_ids: Tensor, config: SolverConfig) -> EmbeddingSensitivity:
+                                  test_ids: Tensor, config: SolverConfig,
+                                  hessians: HessianStore | None = None) -> EmbeddingSensitivity:
     """g_t = α [(H_F + αD)⁻¹ ∇f]_θ at (θ_ft, U*): d f / d θ* through the proximal anchor."""
     grads = gradients_at_test_points(task, q, test_ids)
-    config = auto_solver(config, task.n_finetune_params, finetune_roots(task), min(alpha, task.finetune_l2))
-    if config.name in KFAC_SOLVERS:                        # α adds to the θ-layers' EK-FAC eigenvalues
-        solver = updated_system(task, q, anchor.detach(), alpha, config)
-    else:
-        hvp = finetune_curvature(task, q, anchor.detach(), alpha, config.curvature)
-        solver = solver_for(hvp, task.n_finetune_params, config, q.dtype, q.device)
-        if isinstance(solver, ExactSolver) and config.curvature == "hessian":
-            solver.hessian_key = updated_hessian_key(task, q, anchor, alpha)   # the training certificate's build
+    solver = build_solver(updated_system(task, q, anchor.detach(), alpha, config, hessians), config)
     u, diag = solver.solve(grads)
     return EmbeddingSensitivity(alpha * u[: task.n_theta], {"finetune_solve": diag.as_dict()})
 
@@ -154,7 +185,7 @@ def finetune_side(task: TwoStageTask, trained: TrainedStages, ids: Tensor,
             side = embedding_sensitivity_fixed(task, q, ids, config.finetune_solver)
         else:
             side = embedding_sensitivity_updated(task, q, task.theta_of(trained.p), trained.alpha, ids,
-                                                 config.finetune_solver)
+                                                 config.finetune_solver, trained.hessians)
         g.append(side.g)
         diagnostics[scenario] = side.diagnostics
     return torch.cat(g, dim=1), diagnostics
@@ -162,13 +193,14 @@ def finetune_side(task: TwoStageTask, trained: TrainedStages, ids: Tensor,
 
 def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
                          solver: InverseHVP | None = None, progress: bool = False,
-                         data_parallel: bool = False) -> tuple[dict[str, Tensor], dict[str, dict]]:
+                         data_parallel: bool = False,
+                         meter: ProductMeter | None = None) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """S_scenario = H_P⁻¹ [g; 0_W], [P, T] per scenario, with one pretraining solve for all scenarios.
 
     Returns ({scenario: S}, {scenario: diagnostics}), the same on every rank. ``solver`` lets a
-    caller reuse a factorised pretraining solver (exact/arnoldi) across calls. ``progress``: count
-    the Hessian-vector products of the pretraining solve (each a pass over the set when it streams
-    from disk).
+    caller reuse a pretraining solver across calls (its ``meter``, if it was built with one, reports
+    its products). ``progress``: count the Hessian-vector products of the pretraining solve (each a
+    pass over the set when it streams from disk).
 
     Under a process group (collective) the finetune side (finetune data only) runs on rank 0 and is
     broadcast; the pretraining solve runs on rank 0 alone, or with ``data_parallel`` on every rank
@@ -189,9 +221,13 @@ def stacked_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, c
 
     def solve() -> tuple[Tensor, dict]:
         exact = pretrain_config(task, config.pretrain_solver).name == "exact"
-        with solve_progress(progress and solver is None and get_rank() == 0,
+        # a solver built earlier reports through its meter; a factorised one (exact, arnoldi) needs no products
+        iterative = meter is not None and not isinstance(solver, (ExactSolver, ArnoldiSolver))
+        with solve_progress(progress and (solver is None or iterative) and get_rank() == 0,
                             task.n_pretrain_params if exact else None) as bar:
-            s, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update, data_parallel)).solve(rhs)
+            with meter.reporting(bar) if meter is not None else nullcontext():
+                s, diag = (solver or pretrain_solver(task, p, config.pretrain_solver, bar.update, data_parallel,
+                                                     trained.hessians)).solve(rhs)
         return s, diag.as_dict()
 
     if data_parallel:
@@ -214,7 +250,8 @@ def solve_progress(enabled: bool, total: int | None = None) -> progress_report.B
 
 def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
                        progress: bool = True, out_dir: str | Path | None = None, distributed_solve: bool = False,
-                       solver: InverseHVP | None = None) -> tuple[dict[str, np.ndarray] | None, dict[str, dict]]:
+                       solver: InverseHVP | None = None,
+                       meter: ProductMeter | None = None) -> tuple[dict[str, np.ndarray] | None, dict[str, dict]]:
     """Scores [T, m] float32 per scenario for the given finetune test ids, with solver diagnostics.
 
     All scenarios share one streamed pass: their test-side vectors are stacked column-wise. Works
@@ -223,11 +260,11 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
     ``writer.path`` of a ``rank_zero_writer``): scores go straight to
     ``out_dir/scores/<scenario>.npy`` memory maps instead of memory. ``distributed_solve``: the
     pretraining solve runs on every rank with the data-parallel HVP (else on rank 0 alone).
-    ``solver``: a pretraining solver to reuse (see ``stacked_test_vectors``).
+    ``solver``, ``meter``: a pretraining solver to reuse and its product meter (see ``stacked_test_vectors``).
     """
     ids = task.check_test_ids(test_ids)
     vectors, diagnostics = stacked_test_vectors(task, trained, ids, config, solver=solver, progress=progress,
-                                                data_parallel=distributed_solve)
+                                                data_parallel=distributed_solve, meter=meter)
     stacked = torch.cat([vectors[s] for s in config.scenarios], dim=1)
     out_dir = broadcast_object(None if out_dir is None else Path(out_dir))
     paths = None if out_dir is None else [out_dir / "scores" / f"{s}.npy" for s in config.scenarios]
@@ -242,26 +279,6 @@ def multi_stage_scores(task: TwoStageTask, trained: TrainedStages, test_ids, con
     return split, diagnostics
 
 
-def distributed_test_vectors(task: TwoStageTask, trained: TrainedStages, test_ids, config: InfluenceConfig,
-                             solver: InverseHVP | None = None,
-                             progress: bool = False) -> tuple[dict[str, Tensor], dict[str, dict]]:
-    """``stacked_test_vectors(..., data_parallel=True)`` (the name of earlier releases)."""
-    return stacked_test_vectors(task, trained, test_ids, config, solver, progress, data_parallel=True)
-
-
-def distributed_pretrain_solver(task: TwoStageTask, p: Tensor, config: SolverConfig,
-                                on_product: Callable[[int], object] | None = None) -> InverseHVP:
-    """``pretrain_solver(..., data_parallel=True)`` (the name of earlier releases)."""
-    return pretrain_solver(task, p, config, on_product, data_parallel=True)
-
-
-sharded_multi_stage_scores = multi_stage_scores     # the name of earlier releases (one path now)
-
-
-# The scoring pass lives in ``precompute.scoring``; its names stay importable from here.
-__all__ = ["AUTOCAST_DTYPES", "JVP_MAX_COLUMNS", "PRECISION_SAMPLE", "SCORING_METHODS",
-           "SCORE_DEFINITION", "SolverError", "EmbeddingSensitivity", "add_precision_check", "batched_hvp",
-           "directional_derivatives", "embedding_sensitivity_fixed", "embedding_sensitivity_updated", "finetune_side",
-           "gradients_at_test_points", "multi_stage_scores",
-           "per_example_gradients", "precision_check", "pretrain_config", "pretrain_solver", "score_pretraining",
-           "sharded_score_pretraining", "stacked_test_vectors"]
+__all__ = ["EmbeddingSensitivity", "ProductMeter", "embedding_sensitivity_fixed", "embedding_sensitivity_updated", "finetune_side",
+           "gradients_at_test_points", "multi_stage_scores", "pretrain_config", "pretrain_solver", "pretrain_system",
+           "stacked_test_vectors", "updated_system"]

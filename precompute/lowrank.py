@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .curvature import BatchedHVP, batched_hvp
-from .solvers import InverseHVP, batched_cg, lanczos, make_solver
+from .solvers import InverseHVP, batched_cg, lanczos
 
 LANCZOS_STEPS = 96
 """Hessian-vector products of the Lanczos run (each one pass over the stage's data)."""
@@ -108,11 +108,4 @@ class LowRankPCG(InverseHVP):
         return self._eig_range
 
 
-def solver_for(hvp: BatchedHVP, dim: int, config, dtype: torch.dtype, device) -> InverseHVP:
-    """``solvers.make_solver``, plus "lanczos-pcg" (which builds on that module, so it lives here)."""
-    if config.name == "lanczos-pcg":
-        return LowRankPCG(hvp, dim, config, dtype, device)
-    return make_solver(hvp, dim, config, dtype, device)
-
-
-__all__ += ["LowRankPCG", "solver_for"]
+__all__ += ["LowRankPCG"]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .config import InfluenceConfig
 from .distributed import gather_columns, get_rank, get_world_size, rank_zero_compute, shard_range, shard_task
-from .influence import multi_stage_scores, pretrain_solver, stacked_test_vectors
+from .influence import ProductMeter, multi_stage_scores, pretrain_solver, solve_progress, stacked_test_vectors
 from .scoring import self_influence
 from .solvers import ArnoldiSolver, ExactSolver, InverseHVP, SolverError
 from .task import TwoStageTask
@@ -37,33 +37,38 @@ class MultiStageInfluence:
 
     task:    the ``TwoStageTask`` (modules, data, losses, optional measurement).
     trained: p* and q per scenario (``TrainedStages``).
-    config:  scenarios, α (must match the α the "updated" stage was trained with), solvers,
-             chunk size (``InfluenceConfig``; default ``InfluenceConfig(alpha=trained.alpha)``).
+    config:  scenarios, solvers, chunk size (``InfluenceConfig``; default ``InfluenceConfig()``); α is
+             the one the "updated" stage was trained with (``trained.alpha``).
     progress: progress bars (rank 0 only).
     """
 
     def __init__(self, task: TwoStageTask, trained: TrainedStages, config: InfluenceConfig | None = None,
                  progress: bool = False):
         self.task, self.trained = task, trained
-        self.config = InfluenceConfig(alpha=trained.alpha) if config is None else config
+        self.config = InfluenceConfig() if config is None else config
         self.progress = progress
         self.data_parallel = self.config.distributed_solve and get_world_size() > 1
         self.solver: InverseHVP | None = None
+        self.meter = ProductMeter()                   # the solver's products, into the current progress bar
         self.fitted = False
         self.diagnostics: dict[str, dict] = {}        # of the latest ``scores`` call
 
     def fit(self) -> "MultiStageInfluence":
         """Builds the pretraining solver (H_P + λI)⁻¹ at p* once; exact and arnoldi factorise here
         (a dense eigendecomposition, or r Lanczos products), so every later call is two matmuls.
-        Collective under torchrun. Returns self."""
+        The fitted curvature is held here (``solver``: its dense factorisation or EK-FAC factors) and
+        in ``trained.hessians`` (the dense Hessians the training certificates built), for retraining
+        and the baselines to reuse. Collective under torchrun. Returns self."""
         if not self.fitted:
             if self.data_parallel or get_rank() == 0:        # otherwise rank 0 solves for everyone
-                self.solver = pretrain_solver(self.task, self.trained.p, self.config.pretrain_solver,
-                                              data_parallel=self.data_parallel)
-                if isinstance(self.solver, ExactSolver):
-                    self.solver.eigh()
-                elif isinstance(self.solver, ArnoldiSolver):
-                    self.solver.factorise()
+                self.solver = pretrain_solver(self.task, self.trained.p, self.config.pretrain_solver, self.meter,
+                                              data_parallel=self.data_parallel, hessians=self.trained.hessians)
+                factorise = {ExactSolver: "eigh", ArnoldiSolver: "factorise"}.get(type(self.solver))
+                if factorise:
+                    total = self.task.n_pretrain_params if factorise == "eigh" else None
+                    show = self.progress and get_rank() == 0
+                    with solve_progress(show, total) as bar, self.meter.reporting(bar):
+                        getattr(self.solver, factorise)()
             self.fitted = True
         return self
 
@@ -71,7 +76,7 @@ class MultiStageInfluence:
         """s_t = H_P⁻¹ [g_t; 0_W] per scenario, [P, T], on every rank."""
         vectors, self.diagnostics = stacked_test_vectors(self.task, self.trained, test_ids, self.config,
                                                          solver=self.fit().solver, progress=self.progress,
-                                                         data_parallel=self.data_parallel)
+                                                         data_parallel=self.data_parallel, meter=self.meter)
         return vectors
 
     def scores(self, test_ids, out_dir: str | Path | None = None) -> dict[str, np.ndarray] | None:
@@ -82,7 +87,7 @@ class MultiStageInfluence:
         scores, self.diagnostics = multi_stage_scores(self.task, self.trained, test_ids, self.config,
                                                       progress=self.progress, out_dir=out_dir,
                                                       distributed_solve=self.data_parallel,
-                                                      solver=self.fit().solver)
+                                                      solver=self.fit().solver, meter=self.meter)
         return scores
 
     def self_influence(self) -> np.ndarray | None:

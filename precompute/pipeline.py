@@ -19,14 +19,15 @@ import torch
 from . import progress as progress_report
 from .config import RunConfig
 from .distributed import agreed, broadcast_object, get_rank, get_world_size, rank_zero_compute
-from .curvature import release_kept_hessians
+from .errors import ConfigError
 from .ekfac import with_factor_cache
-from .influence import multi_stage_scores
 from .models import embedding_units
+from .multistage import MultiStageInfluence
 from .data import DataError
 from .presets import TaskData, build_task, load_task_data
 from .run_commit import commit_after_barrier, rank_zero_writer
 from .run_writer import RunWriter
+from .solvers import ExactSolver, InverseHVP
 from .streaming import is_lazy, release_pages
 from .task import TwoStageTask
 from .training import TrainedStages, train_stages
@@ -51,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return torch.device(name)
 
 
@@ -186,40 +187,56 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
     dtype = {"float64": torch.float64, "float32": torch.float32}[config.dtype]
     with rank_zero_writer(config.out, overwrite=config.overwrite) as writer:   # fails fast if --out exists
         with timer.step("load data"), agreed("loading data"):
-            data = load_task_data(config.data, config.model)
-            task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
-            explicit_ids = task.check_test_ids(config.test_ids).tolist() if config.test_ids else None
-            if is_lazy(task):
-                check_streamable(config, data)
-                config = replace(config, scores_to_disk=True)       # [T, m] scores may not fit in memory
+            data, task, config = load(config, device, dtype)
+        with timer.step("train"):
+            trained = rank_zero_compute(train_stages, task, config.train, config.influence.scenarios,
+                                        progress=progress, device=device, what="training")
         try:
-            with timer.step("train"):
-                trained = rank_zero_compute(train_stages, task, config.train, config.influence.alpha,
-                                            config.influence.scenarios, progress=progress, device=device,
-                                            what="training")
             preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
-            if explicit_ids:
-                test_ids = explicit_ids
-            else:
-                first = preds[config.influence.scenarios[0]][0]
-                test_ids = broadcast_object(choose_test_points(
-                    data.finetune_test.labels, first == data.finetune_test.labels, config.n_test_points))
+            test_ids = pick_test_points(config, data, task, preds)
             with timer.step("influence"):
                 # ekfac/pcg: the EK-FAC factors are saved in the run (factors/*.safetensors) and reused
-                influence = with_factor_cache(config.influence, writer.path / "factors" if writer else None)
-                scores, diagnostics = multi_stage_scores(
-                    task, trained, test_ids, influence, progress=progress,
-                    out_dir=writer.path if config.scores_to_disk and main else None,
-                    distributed_solve=config.influence.distributed_solve and world > 1)
+                influence = MultiStageInfluence(
+                    task, trained, with_factor_cache(config.influence, writer.path / "factors" if writer else None),
+                    progress=progress).fit()
+                scores = influence.scores(test_ids, out_dir=writer.path if config.scores_to_disk and main else None)
             manifest = None
             with agreed("validating and writing the run"):
                 if main:
-                    manifest = write_run(writer, data, task, trained, scores, diagnostics, preds, test_ids,
-                                         config, timer, progress, device, world)
+                    evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress,
+                                                   influence.solver)
+                    evidence = cleaning_evidence(evidence, data, task, trained, config, timer, progress)
+                    with timer.step("write files"):
+                        manifest = write_run(writer, data, task, trained, scores, influence.diagnostics, preds,
+                                             test_ids, evidence, config, timer, device, world)
         finally:
-            release_kept_hessians()          # shared by certificates, solves, retraining and baselines: done
+            trained.hessians.clear()         # shared by certificates, solves, retraining and baselines: done
         path = commit_after_barrier(writer, manifest)
     return RunSummary(path, manifest or {})
+
+
+def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[TaskData, TwoStageTask, RunConfig]:
+    """The data, the task on ``device``/``dtype``, and ``config`` adjusted to them (a pretraining set
+    streamed from disk writes its scores to disk). Every input problem surfaces here (``DataError``)."""
+    data = load_task_data(config.data, config.model)
+    task = build_task(data, config.model, seed=config.data.seed).to(device, dtype)
+    if config.test_ids:
+        task.check_test_ids(config.test_ids)
+    if is_lazy(task):
+        check_streamable(config, data)
+        config = replace(config, scores_to_disk=True)       # [T, m] scores may not fit in memory
+    return data, task, config
+
+
+def pick_test_points(config: RunConfig, data: TaskData, task: TwoStageTask,
+                     preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[int]:
+    """``config.test_ids`` if given, else ``choose_test_points`` on the first scenario's predictions
+    (rank 0's choice, on every rank)."""
+    if config.test_ids:
+        return task.check_test_ids(config.test_ids).tolist()
+    first = preds[config.influence.scenarios[0]][0]
+    return broadcast_object(choose_test_points(data.finetune_test.labels, first == data.finetune_test.labels,
+                                               config.n_test_points))
 
 
 def check_streamable(config: RunConfig, data: TaskData) -> None:
@@ -232,22 +249,13 @@ def check_streamable(config: RunConfig, data: TaskData) -> None:
 
 
 def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,
-              scores: dict[str, np.ndarray], diagnostics: dict, preds: dict, test_ids: list[int],
-              config: RunConfig, timer: Timer, progress: bool, device: torch.device, world: int) -> dict:
-    """Validation, cleaning and every file of the run (rank 0); returns the manifest to commit."""
-    for s in config.influence.scenarios:
-        diagnostics[s]["training"] = {"pretrain": trained.pretrain.summary(), "finetune": trained.finetune[s].summary()}
-    evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress)
-    if config.clean or data.flipped is not None:
-        from .cleaning import run_cleaning
-        with timer.step("cleaning"):
-            cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
-        evidence.tables |= {"cleaning/signals.parquet": cleaning.signals,
-                            "cleaning/retrain.parquet": cleaning.retrain}
-        evidence.mislabel_detection, evidence.cleaning = cleaning.detection, cleaning.manifest_info()
-
-    with timer.step("write files"):
-        pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)
+              scores: dict[str, np.ndarray], diagnostics: dict, preds: dict, test_ids: list[int], evidence: "Evidence",
+              config: RunConfig, timer: Timer, device: torch.device, world: int) -> dict:
+    """Every file of the run but the manifest (rank 0); returns the manifest to commit."""
+    diagnostics = {s: {**diagnostics[s], "training": {"pretrain": trained.pretrain.summary(),
+                                                      "finetune": trained.finetune[s].summary()}}
+                   for s in config.influence.scenarios}
+    pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)
     return {
         "preset": config.data.preset, "modality": data.modality,
         "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
@@ -312,8 +320,10 @@ class Evidence:
 
 
 def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.ndarray],
-                        test_ids: list[int], config: RunConfig, timer: Timer, progress: bool) -> Evidence:
-    """Retraining ground truth and baselines (docs/design.md §3), or an empty ``Evidence``."""
+                        test_ids: list[int], config: RunConfig, timer: Timer, progress: bool,
+                        solver: InverseHVP | None = None) -> Evidence:
+    """Retraining ground truth and baselines (docs/design.md §3), or an empty ``Evidence``. ``solver``:
+    the fitted pretraining solver, which the single-stage baselines reuse when it is exact."""
     if not config.validate:
         return Evidence()
     from .baselines import evaluate_baselines
@@ -322,10 +332,26 @@ def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict
     with timer.step("validation"):
         result = validate(task, trained, scores, test_ids, config.validation, progress=progress)
     with timer.step("baselines"):
+        reuse = isinstance(solver, ExactSolver) and config.influence.pretrain_solver.curvature == "hessian"
         baselines = evaluate_baselines(task, trained, test_ids, result.pairs, config.validation,
-                                       solver=config.influence.pretrain_solver, progress=progress)
+                                       solver=solver if reuse else config.influence.pretrain_solver, progress=progress)
     n_val = min(config.validation.n_test_points, len(test_ids))
     return Evidence(tables={"validation/pairs.parquet": result.pairs, "validation/group.parquet": result.group},
                     validation_test_points=list(test_ids[:n_val]), summary=result.summary,
                     baselines=baselines, group_summary=result.group_summary, protocol=result.protocol,
                     lds=result.lds)
+
+
+def cleaning_evidence(evidence: Evidence, data: TaskData, task: TwoStageTask, trained: TrainedStages,
+                      config: RunConfig, timer: Timer, progress: bool) -> Evidence:
+    """``evidence`` with the mislabel signals and clean-and-retrain added (``precompute.cleaning``), when
+    ``config.clean`` is set or labels were flipped on purpose; else ``evidence`` unchanged."""
+    if not (config.clean or data.flipped is not None):
+        return evidence
+    from .cleaning import run_cleaning
+
+    with timer.step("cleaning"):
+        cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
+    return replace(evidence, tables={**evidence.tables, "cleaning/signals.parquet": cleaning.signals,
+                                     "cleaning/retrain.parquet": cleaning.retrain},
+                   mislabel_detection=cleaning.detection, cleaning=cleaning.manifest_info())

@@ -40,7 +40,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from . import progress as progress_report
 from .certificate import ROUNDING_ULPS, batched_inertia
 from .config import ValidationConfig
-from .curvature import SHARED_HESSIAN_MAX_DIM, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
+from .curvature import SHARED_HESSIAN_MAX_DIM, SharedHessian, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .errors import PrecomputeError
 from .task import TwoStageTask
 from .training import TrainedStages
@@ -88,26 +88,26 @@ class Preconditioner:
 
     @staticmethod
     def _factor(objective: Callable[[Tensor], Tensor], x: Tensor, what: str,
-                key: tuple | None = None) -> tuple[Tensor, Tensor]:
+                shared: SharedHessian | None = None) -> tuple[Tensor, Tensor]:
         dim = x.numel()
         if dim > MAX_DENSE_PARAMS:
             raise RetrainError(
                 f"retraining {what}: {dim} parameters exceed the dense-preconditioner limit of "
                 f"{MAX_DENSE_PARAMS} (a {dim}x{dim} Hessian); validate on a smaller model or skip validation")
-        hessian = dense_hessian(batched_hvp(objective, x), dim, x.dtype, x.device, key=key)
+        hessian = dense_hessian(batched_hvp(objective, x), dim, x.dtype, x.device, shared=shared)
         evals, vecs = torch.linalg.eigh(hessian)
         floor = RELATIVE_DAMPING * max(float(evals.abs().max()), torch.finfo(x.dtype).tiny)
         return vecs, 1.0 / evals.abs().clamp_min(floor)
 
     @classmethod
     def at(cls, objective: Callable[[Tensor], Tensor], x: Tensor, what: str,
-           key: tuple | None = None) -> "Preconditioner":
+           shared: SharedHessian | None = None) -> "Preconditioner":
         """Shared M = ∇²objective(x) (x [D]); above MAX_DENSE_PARAMS a low-rank Lanczos M
         (``precompute.lowrank``), and stragglers keep it (no per-model Hessians, see ``solve_stage``)."""
         if x.numel() > MAX_DENSE_PARAMS:
             from .lowrank import LowRankPreconditioner
             return LowRankPreconditioner.at(objective, x)
-        return cls(*cls._factor(objective, x.detach(), what, key))
+        return cls(*cls._factor(objective, x.detach(), what, shared))
 
     @classmethod
     def per_model(cls, objective: BatchedObjective, x: Tensor, data: Tensor, what: str) -> "Preconditioner":
@@ -355,13 +355,14 @@ class Retrainer:
         base_data = {"pretrain": torch.ones(task.m, dtype=task.dtype, device=task.device),
                      "fixed": self.trained.q("fixed")[:nt].detach() if "fixed" in self.scenarios else None,
                      "updated": task.theta_of(trained.p).detach()}
-        # The pretraining Hessian at p* is the one the exact influence solve built (``hessian_key``); the
-        # baselines' single-stage solve uses it after retraining, and the pipeline releases it.
-        keys = {"pretrain": hessian_key("pretrain", task, self.start["pretrain"])}
+        # The dense Hessians at p* and at the updated finetune are the training certificates' builds
+        # (``trained.hessians``), which the exact influence solves and the baselines share.
+        shared = {"pretrain": trained.hessians.slot(hessian_key("pretrain", task, self.start["pretrain"]))}
         if "updated" in self.scenarios:
-            keys["updated"] = updated_hessian_key(task, self.start["updated"], base_data["updated"], alpha)
+            shared["updated"] = trained.hessians.slot(
+                updated_hessian_key(task, self.start["updated"], base_data["updated"], alpha))
         self.precond = {k: Preconditioner.at(lambda x, f=self.objectives[k], d=base_data[k]: f(x, d), self.start[k], k,
-                                             keys.get(k))
+                                             shared.get(k))
                         for k in ("pretrain", *self.scenarios)}
 
     def run(self, weights: Tensor, tol: float, max_iter: int,

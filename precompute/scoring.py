@@ -40,7 +40,9 @@ from . import progress as progress_report
 from .config import InfluenceConfig
 from .distributed import (agree, broadcast_object, broadcast_vectors, gather_columns, get_rank, get_world_size,
                           shard_range, shard_task)
-from .layer_scores import LayerSlot, layer_scores, layer_slots
+from .errors import ConfigError
+from .layer_scores import layer_scores, layer_slots
+from .layers import LayerBlock
 from .solvers import ArnoldiSolver, ExactSolver, InverseHVP
 from .streaming import release_pages
 from .task import TaskError, TwoStageTask
@@ -85,7 +87,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
     gradients and one GEMM; "linear", "jvp" or "grad" force one (all give the same numbers).
     """
     if method not in SCORING_METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; choose from {', '.join(SCORING_METHODS)}")
+        raise ConfigError(f"unknown scoring method {method!r}; choose from {', '.join(SCORING_METHODS)}")
     autocast = AUTOCAST_DTYPES[precision]
     if autocast is not None and task.dtype != torch.float32:
         raise TaskError(f"score precision {precision} needs a float32 model (autocast leaves "
@@ -116,7 +118,7 @@ def score_pretraining(task: TwoStageTask, p: Tensor, vectors: Tensor, chunk_size
 
 
 def _chunk_inner_products(task: TwoStageTask, p: Tensor, x: Tensor, y: Tensor, vectors: Tensor, method: str,
-                          slots: list[LayerSlot] | None) -> tuple[Tensor, list[LayerSlot] | None]:
+                          slots: list[LayerBlock] | None) -> tuple[Tensor, list[LayerBlock] | None]:
     """∇ℓ_P(z_i) · vectors for one chunk, [B, T], and the Linear slots to try on the next chunk."""
     if slots is not None:
         chunk = layer_scores(task, p, x, y, vectors, slots)
@@ -201,7 +203,7 @@ def write_scores_memmap(path: str | Path, shape: tuple[int, int], mode: str = "w
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
     arr = np.load(path, mmap_mode=mode)
     if arr.shape != tuple(shape) or arr.dtype != np.float32:
-        raise ValueError(f"{path}: holds {arr.dtype} {arr.shape}, expected float32 {tuple(shape)}")
+        raise ConfigError(f"{path}: holds {arr.dtype} {arr.shape}, expected float32 {tuple(shape)}")
     return arr
 
 
@@ -296,7 +298,7 @@ def sharded_score_pretraining(task: TwoStageTask, p: Tensor | None, vectors: Ten
 
     if paths is not None:
         if t % len(paths):
-            raise ValueError(f"{t} score rows cannot be split evenly over {len(paths)} files")
+            raise ConfigError(f"{t} score rows cannot be split evenly over {len(paths)} files")
         rows_each = t // len(paths)
         error = None
         if rank == 0:

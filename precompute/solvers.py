@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from .config import AUTO_EXACT_MAX_DIM, SolverConfig
-from .curvature import BatchedHVP, dense_hessian
+from .config import SolverConfig
+from .curvature import BatchedHVP, SharedHessian, dense_hessian
 from .errors import PrecomputeError
 
 
@@ -51,7 +51,7 @@ class SolveDiagnostics:
 
 
 class InverseHVP(ABC):
-    """Applies (H + λI)⁻¹ to blocks of vectors. Construct with ``make_solver``."""
+    """Applies (H + λI)⁻¹ to blocks of vectors. Built by ``precompute.solver_registry.build_solver``."""
 
     name = ""
     approximate = False            # True: the residual is reported, not enforced (arnoldi, ekfac)
@@ -108,14 +108,13 @@ class ExactSolver(InverseHVP):
 
     name = "exact"
 
-    def __init__(self, *args, block: int = 256, **kw):
+    def __init__(self, *args, block: int = 256, shared: SharedHessian | None = None, **kw):
         super().__init__(*args, **kw)
-        self.block = block
+        self.block, self.shared = block, shared       # shared: the dense build kept for other users
         self._eig: tuple[Tensor, Tensor] | None = None
-        self.hessian_key: tuple | None = None     # ``curvature.hessian_key``: share the build
 
     def hessian(self) -> Tensor:
-        return dense_hessian(self.hvp, self.dim, self.dtype, self.device, self.block, self.hessian_key)
+        return dense_hessian(self.hvp, self.dim, self.dtype, self.device, self.block, self.shared)
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:
@@ -155,9 +154,10 @@ class PCGSolver(InverseHVP):
 
     name = "pcg"
 
-    def __init__(self, *args, preconditioner=None, **kw):
+    def __init__(self, *args, preconditioner: BatchedHVP | None = None, curvature_model: dict | None = None, **kw):
         super().__init__(*args, **kw)
         self.preconditioner = preconditioner or (lambda v: v)
+        self.curvature_model = curvature_model
 
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
         return batched_cg(self.operator, b, self.preconditioner, self.config.max_iter, self.config.tol,
@@ -279,22 +279,6 @@ class ArnoldiSolver(InverseHVP):
 
     def _rank(self) -> int | None:
         return int(self.factorise()[0].numel())
-
-
-_SOLVERS: dict[str, type[InverseHVP]] = {
-    "exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver}
-
-
-def make_solver(hvp: BatchedHVP, dim: int, config: SolverConfig, dtype: torch.dtype,
-                device: torch.device | str) -> InverseHVP:
-    """The solver named by ``config.name`` for the operator ``hvp`` of size ``dim``."""
-    if config.name == "auto":      # without the task's layers; ekfac.auto_solver may pick pcg instead of cg
-        config = replace(config, name="exact" if dim <= AUTO_EXACT_MAX_DIM else "cg")
-    if config.name not in _SOLVERS:
-        raise SolverError(f"solver {config.name!r} is built above this module: ekfac and pcg need the task's "
-                          "layers (precompute.ekfac), lanczos-pcg its low-rank preconditioner "
-                          "(precompute.lowrank.solver_for)")
-    return _SOLVERS[config.name](hvp, dim, config, dtype, device)
 
 
 def power_iteration(hvp: BatchedHVP, dim: int, steps: int, dtype, device, seed: int) -> float:

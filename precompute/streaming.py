@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .memmaps import release_mapped_pages
 from .task import TwoStageTask
 
@@ -64,7 +65,7 @@ class LazyRows:
         self.transform = transform
         start, stop, step = (rows or slice(0, len(array))).indices(len(array))
         if step != 1:
-            raise ValueError("LazyRows views must be contiguous (step 1)")
+            raise ConfigError("LazyRows views must be contiguous (step 1)")
         self.start, self.stop = start, max(start, stop)
         self._row_shape = tuple(array.shape[1:]) if transform is None else tuple(transform(array[:1]).shape[1:])
 
@@ -156,7 +157,7 @@ class StreamedPretrainObjective:
     def __init__(self, task: TwoStageTask, weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
                  rows: slice | None = None):
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.task, self.weights, self.chunk_size = task, weights, int(chunk_size)
         self.m = task.m
         start, stop, _ = (rows or slice(0, self.m)).indices(self.m)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from torch import Tensor
 from . import progress as progress_report
 from .config import TrainConfig
 from .certificate import ROUNDING_ULPS, Certificate, CertificateError, certify
-from .curvature import batched_hvp, dense_hessian, hessian_key, updated_hessian_key
+from .curvature import HessianStore, SharedHessian, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
@@ -66,7 +66,7 @@ class TrainResult:
 
 
 def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None,
-             hessian_key: Callable[[Tensor], tuple] | None = None) -> TrainResult:
+             shared: Callable[[Tensor], SharedHessian] | None = None) -> TrainResult:
     """Rounds of full-batch L-BFGS (to ‖∇‖ ≤ lbfgs_tol) and Newton polish (to ‖∇‖ ≤ grad_tol), then a
     certificate (``precompute.certificate``): ‖∇‖ and the smallest Hessian eigenvalue at the result.
 
@@ -74,8 +74,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
     polish's factorisation, or in the certificate), one step goes along that eigenvector, both signs
     tried, the lower kept, and the next round of L-BFGS carries on from there: a saddle costs one
     dense Hessian and some cheap L-BFGS iterations, not a dense Hessian per Newton step.
-    ``hessian_key``: x -> the key under which the certificate's dense Hessian is shared with later
-    users at the same point (``curvature.dense_hessian``; the pretraining stage's influence solve).
+    ``shared``: x -> where the certificate's dense Hessian at x is kept for later users at the same
+    point (``curvature.HessianStore``: the influence solve, the retraining preconditioner).
     """
     x = x0.detach().clone()
     if not torch.isfinite(objective(x)):
@@ -113,8 +113,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
                 rounds -= 1                      # every escape lowers L, so this cannot cycle
                 continue                         # off a saddle: L-BFGS takes it from here
         bar.set_note(f"certifying the minimum ({'dense Hessian' if dense else 'Lanczos'}, {x.numel()} parameters)")
-        key = None if hessian_key is None else hessian_key(x)
-        certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params, key,
+        certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params,
+                                      None if shared is None else shared(x),
                                       gradient=lambda xx: _gradient(objective, xx))
         if certificate.certified:
             break
@@ -373,17 +373,18 @@ def perturbed(x: Tensor, config: TrainConfig, stream: int) -> Tensor:
 
 
 def pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor | None = None,
-             p0: Tensor | None = None, desc: str | None = "pretraining") -> TrainResult:
+             p0: Tensor | None = None, desc: str | None = "pretraining",
+             hessians: HessianStore | None = None) -> TrainResult:
     """p* = argmin L_P (example weights optional, denominator m fixed), certified (``TrainResult.certificate``).
 
     Chunk by chunk (memory O(chunk), not O(m)) when ``config.stream_chunk`` > 0 or the task's
     pretraining inputs are ``LazyRows``; see ``precompute.streaming.pretraining_objective``. The
-    certificate's dense Hessian (unit weights only) is kept under ``hessian_key("pretrain", ...)``
-    for the influence solve at the same point.
+    certificate's dense Hessian (unit weights only) is kept in ``hessians`` under
+    ``hessian_key("pretrain", ...)`` for the influence solve at the same point.
     """
     start = perturbed(task.initial_pretrain_params(), config, 0) if p0 is None else p0
-    key = (lambda x: hessian_key("pretrain", task, x)) if weights is None else None
-    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc, key)
+    shared = (lambda x: hessians.slot(hessian_key("pretrain", task, x))) if hessians and weights is None else None
+    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc, shared)
 
 
 def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tensor | None = None,
@@ -397,12 +398,14 @@ def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tenso
 
 
 def finetune_updated(task: TwoStageTask, p: Tensor, alpha: float, config: TrainConfig,
-                     q0: Tensor, desc: str | None = "finetuning (updated)") -> TrainResult:
+                     q0: Tensor, desc: str | None = "finetuning (updated)",
+                     hessians: HessianStore | None = None) -> TrainResult:
     """(θ_ft, U*) = argmin L_F(θ, U) + (α/2)‖θ − θ*‖², started at q0 (usually [θ*; U*_fixed]); the
-    certificate's dense Hessian is kept under ``updated_hessian_key`` for the influence solve and retraining."""
+    certificate's dense Hessian is kept in ``hessians`` under ``updated_hessian_key`` for the influence
+    solve and retraining."""
     anchor = task.theta_of(p).detach()
-    return minimize(lambda q: task.finetune_objective(q, anchor, alpha), q0, config, desc,
-                    lambda q: updated_hessian_key(task, q, anchor, alpha))
+    shared = (lambda q: hessians.slot(updated_hessian_key(task, q, anchor, alpha))) if hessians else None
+    return minimize(lambda q: task.finetune_objective(q, anchor, alpha), q0, config, desc, shared)
 
 
 @dataclass
@@ -412,6 +415,9 @@ class TrainedStages:
     pretrain: TrainResult
     finetune: dict[str, TrainResult]
     alpha: float
+    hessians: HessianStore = field(default_factory=HessianStore, repr=False)
+    """Dense Hessians built by the certificates (pretraining, updated finetune), shared with the exact
+    influence solves, the retraining preconditioners and the baselines at the same points."""
 
     @property
     def p(self) -> Tensor:
@@ -458,13 +464,16 @@ class TrainedStages:
         anchor = task.theta_of(p)
         objectives = {"fixed": task.finetune_objective, "updated": lambda qq: task.finetune_objective(qq, anchor, alpha)}
 
-        def result(objective: Objective, x: Tensor) -> TrainResult:
+        hessians = HessianStore()
+
+        def result(objective: Objective, x: Tensor, key: tuple | None = None) -> TrainResult:
             certificate, _ = certify(objective, x, grad_tol, TrainConfig.newton_max_params,
+                                     None if key is None else hessians.slot(key),
                                      gradient=lambda xx: _gradient(objective, xx))
             return TrainResult(x, float(objective(x)), certificate.grad_norm, 0,
                                certificate.grad_norm <= grad_tol, certificate)
 
-        pre = result(pretraining_objective(task), p)
+        pre = result(pretraining_objective(task), p, hessian_key("pretrain", task, p))
         finetuned = {}
         for s, qs in q.items():
             if s == "fixed":                   # "fixed" optimises U only: its minimum is that of the U block
@@ -473,18 +482,21 @@ class TrainedStages:
                                       qs[task.n_theta:])
                 finetuned[s].params = qs
             else:
-                finetuned[s] = result(objectives[s], qs)
-        return cls(pre, finetuned, alpha)
+                finetuned[s] = result(objectives[s], qs, updated_hessian_key(task, qs, anchor, alpha))
+        return cls(pre, finetuned, alpha, hessians)
 
 
-def train_stages(task: TwoStageTask, config: TrainConfig, alpha: float,
-                 scenarios: tuple[str, ...] = ("fixed", "updated"), progress: bool = True) -> TrainedStages:
-    """Pretrain, then finetune in each scenario ("updated" warm-starts from the "fixed" head)."""
+def train_stages(task: TwoStageTask, config: TrainConfig, scenarios: tuple[str, ...] = ("fixed", "updated"),
+                 progress: bool = True) -> TrainedStages:
+    """Pretrain, then finetune in each scenario ("updated" warm-starts from the "fixed" head, with the
+    proximal coefficient ``config.alpha``, which the result records as ``alpha``)."""
+    alpha = config.alpha
     label = (lambda s: s) if progress else (lambda s: None)
-    pre = pretrain(task, config, desc=label("pretraining"))
+    hessians = HessianStore()
+    pre = pretrain(task, config, desc=label("pretraining"), hessians=hessians)
     fixed = finetune_fixed(task, pre.params, config, desc=label("finetuning (fixed)"))
     finetuned = {"fixed": fixed}
     if "updated" in scenarios:
         finetuned["updated"] = finetune_updated(task, pre.params, alpha, config, fixed.params,
-                                                desc=label("finetuning (updated)"))
-    return TrainedStages(pre, {s: finetuned[s] for s in scenarios}, alpha)
+                                                desc=label("finetuning (updated)"), hessians=hessians)
+    return TrainedStages(pre, {s: finetuned[s] for s in scenarios}, alpha, hessians)

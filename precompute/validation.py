@@ -24,7 +24,7 @@ from torch.func import vmap
 from .config import ValidationConfig
 from .contract import GROUP_COLUMNS
 from .contract import PAIRS_CERTIFICATE_COLUMNS, PAIRS_COLUMNS as PAIR_COLUMNS
-from .metrics import average_ranks, fit_summary, pearson, slope, spearman
+from .metrics import fit_summary, pearson, spearman
 from .retraining import HISTORY, MAX_HALVINGS, RetrainResult, retrain
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -299,5 +299,4 @@ def _protocol(config: ValidationConfig, m: int, n_val: int, k: int) -> str:
         "accuracy change over the whole finetune test set is also recorded." + lds)
 
 
-__all__ = ["GROUP_COLUMNS", "PAIR_COLUMNS", "ValidationResult", "average_ranks", "fit_summary", "pearson",
-           "slope", "spearman", "validate"]
+__all__ = ["ValidationResult", "validate"]

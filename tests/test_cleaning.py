@@ -54,7 +54,7 @@ def noisy_digits_task(seed: int = 1, n_pretrain: int = 150, n_finetune: int = 60
 @pytest.fixture(scope="module")
 def cleaned():
     task, flipped, original = noisy_digits_task()
-    trained = train_stages(task, TrainConfig(max_iter=300), alpha=1.0, progress=False)
+    trained = train_stages(task, TrainConfig(max_iter=300, alpha=1.0), progress=False)
     assert trained.pretrain.converged
     cleaning = CleaningConfig(folds=3, percents=(5.0, 10.0), retrain_tol=1e-6, retrain_max_iter=200)
     result = run_cleaning(task, trained, flipped, CONFIG, cleaning)

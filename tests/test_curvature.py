@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.func import hessian, jacrev
@@ -70,13 +72,14 @@ def test_arnoldi_on_a_clustered_spectrum_is_float32_safe(dtype):
     """60 eigenvalues at the L2 floor exhaust the Krylov space early; float32 Lanczos used to
     report a spurious negative eigenvalue there (and arnoldi refused to solve)."""
     from precompute.config import SolverConfig
-    from precompute.solvers import make_solver
+    from precompute.solver_registry import LinearSystem, build_solver
 
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(85, 85, generator=gen, dtype=torch.float64))
     evals = torch.cat([torch.full((60,), 0.01, dtype=torch.float64), torch.linspace(0.02, 0.59, 25, dtype=torch.float64)])
     h = ((q * evals) @ q.T).to(dtype)
-    solver = make_solver(lambda v: h @ v, 85, SolverConfig("arnoldi", rank=128, oversample=16), dtype, "cpu")
+    solver = build_solver(LinearSystem(lambda v: h @ v, 85, dtype, torch.device("cpu")),
+                          SolverConfig("arnoldi", rank=128, oversample=16))
     _, diag = solver.solve(torch.randn(85, 3, generator=gen, dtype=torch.float64).to(dtype))
     assert abs(diag.eig_min - 0.01) < 1e-5 and abs(diag.eig_max - 0.59) < 1e-5
 
@@ -106,14 +109,16 @@ def test_hessian_free_newton_polish_converges_where_lbfgs_stops_early(task):
 
 def test_lissa_refuses_up_front_with_the_iterations_it_needs_and_converges_when_given_them():
     from precompute.config import SolverConfig
-    from precompute.solvers import SolverError, make_solver
+    from precompute.solver_registry import LinearSystem, build_solver
+    from precompute.solvers import SolverError
 
     h = torch.diag(torch.logspace(-2, 0, 40, dtype=torch.float64))            # condition number 100
     b = torch.ones(40, 2, dtype=torch.float64)
     with pytest.raises(SolverError, match="would need about"):
-        make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=100, tol=1e-8), torch.float64, "cpu").solve(b)
-    x, diag = make_solver(lambda v: h @ v, 40, SolverConfig("lissa", max_iter=5000, tol=1e-8), torch.float64,
-                          "cpu").solve(b)
+        build_solver(LinearSystem(lambda v: h @ v, 40, torch.float64, torch.device("cpu")),
+                     SolverConfig("lissa", max_iter=100, tol=1e-8)).solve(b)
+    system = LinearSystem(lambda v: h @ v, 40, torch.float64, torch.device("cpu"))
+    x, diag = build_solver(system, SolverConfig("lissa", max_iter=5000, tol=1e-8)).solve(b)
     torch.testing.assert_close(x, torch.linalg.solve(h, b), rtol=1e-6, atol=0)
     assert diag.relative_residual < 1e-7
 
@@ -121,13 +126,14 @@ def test_lissa_refuses_up_front_with_the_iterations_it_needs_and_converges_when_
 def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatch):
     """The exact solve and the retraining preconditioner at p* use one dense Hessian build (keyed by
     task and point), and that Hessian equals the retraining objective's own, built without the key."""
-    from precompute import curvature, retraining
+    from precompute import retraining
     from precompute.config import SolverConfig
+    from precompute.curvature import HessianStore
     from precompute.influence import pretrain_solver
 
     task, trained = tiny
-    monkeypatch.setattr(curvature, "_KEPT", {})
-    solver = pretrain_solver(task, trained.p, SolverConfig("exact"))
+    trained = replace(trained, hessians=HessianStore())              # nothing kept from training
+    solver = pretrain_solver(task, trained.p, SolverConfig("exact"), hessians=trained.hessians)
     solver.eigh()
     products = []
 
@@ -138,7 +144,7 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
     monkeypatch.setattr(retraining, "batched_hvp", counting)
     retraining.Retrainer(task, trained)
     assert not [p for p in products if p[0] == task.n_pretrain_params]         # pretraining: reused
-    assert solver.hessian_key in curvature.kept_hessian_keys()                 # kept for the baselines
+    assert solver.shared.key in trained.hessians.keys()                        # kept for the baselines
     assert sum(k for d, k in products if d == task.n_finetune_params) == task.n_finetune_params   # updated: built
     ones = torch.ones(task.m, dtype=task.dtype)
     own = dense_hessian(batched_hvp(lambda p: task.pretrain_objective(p, ones), trained.p),
@@ -149,23 +155,23 @@ def test_influence_and_retraining_share_one_pretraining_hessian(tiny, monkeypatc
 def test_a_run_shares_each_stage_hessian_once_and_releases_them(tmp_path, monkeypatch):
     """The training certificate, influence, retraining and the baselines share one keyed build per stage
     (pretraining, updated finetuning); the run drops them when done."""
-    from precompute import certificate, curvature, solvers
+    from precompute import certificate, curvature, retraining, solvers
     from precompute.cli import main
 
-    monkeypatch.setattr(curvature, "_KEPT", {})
-    builds = []
+    builds, stores = [], set()
     keyed = curvature.dense_hessian
 
-    def spy(hvp, dim, dtype, device, block=256, key=None):
-        kept = curvature._KEPT.get(key[0]) if key is not None else None
-        if key is not None and (kept is None or kept[0] != key):
-            builds.append(key)
-        return keyed(hvp, dim, dtype, device, block, key)
+    def spy(hvp, dim, dtype, device, block=256, shared=None):
+        if shared is not None:
+            stores.add(shared.store)
+            if shared.store.lookup(shared.key) is None:
+                builds.append(shared.key)
+        return keyed(hvp, dim, dtype, device, block, shared)
 
-    monkeypatch.setattr(solvers, "dense_hessian", spy)
-    monkeypatch.setattr(certificate, "dense_hessian", spy)
+    for module in (solvers, certificate, retraining):
+        monkeypatch.setattr(module, "dense_hessian", spy)
     assert main(["--preset", "digits", "--quick", "--out", str(tmp_path / "r")]) == 0
     # one build per point: the certificate's build at the trained point serves every later user (a
     # training that escaped a saddle certified an earlier point too, under another key)
     assert {key[0] for key in builds} == {"pretrain", "updated"} and len(set(builds)) == len(builds)
-    assert curvature.kept_hessian_keys() == []
+    assert len(stores) == 1 and next(iter(stores)).keys() == []          # one chain's store, cleared

@@ -8,6 +8,8 @@ error mid-scoring, and an uncaught one before the commit barrier) propagates and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 import os
 import signal
@@ -36,7 +38,7 @@ EXACT = SolverConfig("exact")
 
 
 def influence_config(pretrain_solver: str = "exact") -> InfluenceConfig:
-    return InfluenceConfig(alpha=ALPHA, pretrain_solver=SolverConfig(pretrain_solver), finetune_solver=EXACT,
+    return InfluenceConfig(pretrain_solver=SolverConfig(pretrain_solver), finetune_solver=EXACT,
                            chunk_size=8)
 
 
@@ -48,7 +50,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def trained_task():
     # m = 61: the two shards differ in size (31 / 30), which exercises the padded gather
     task = build_check_task(n_pretrain=61)
-    return task, train_stages(task, TIGHT, alpha=ALPHA, progress=False)
+    return task, train_stages(task, replace(TIGHT, alpha=ALPHA), progress=False)
 
 
 # ---- single-process pieces ---------------------------------------------------------------------------
@@ -185,12 +187,13 @@ KFAC = ("pcg", "ekfac")
 
 def kfac_config(name: str) -> InfluenceConfig:
     solver = SolverConfig(name, tol=1e-10)
-    return InfluenceConfig(alpha=ALPHA, pretrain_solver=solver, finetune_solver=solver, chunk_size=8)
+    return InfluenceConfig(pretrain_solver=solver, finetune_solver=solver, chunk_size=8)
 
 
 def _fitted(task, trained, n: int, data_parallel: bool) -> list:
     """Pretraining factors (Λ, then the fallback diagonal) over the first n examples."""
-    from precompute.ekfac import fit_ekfac, pretrain_roots
+    from precompute.ekfac import fit_ekfac
+    from precompute.layers import pretrain_roots
 
     factors = fit_ekfac(task.pretrain_outputs, task.pretrain_loss, trained.p, task.pretrain_x[:n],
                         task.pretrain_y[:n], n, pretrain_roots(task), chunk_size=16, data_parallel=data_parallel)

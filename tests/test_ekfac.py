@@ -3,6 +3,8 @@ against the exact solver on the tiny task."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from precompute.config import InfluenceConfig, SolverConfig
-from precompute import ekfac
+from precompute import solver_registry
 from precompute.ekfac import fit_ekfac
 from precompute.fd_check import TIGHT, build_check_task
 from precompute.influence import multi_stage_scores, pretrain_config
@@ -116,19 +118,20 @@ def test_fallback_is_the_ggn_diagonal_and_inverse_inverts():
 @pytest.fixture(scope="module")
 def tiny():
     task = build_check_task(seed=1)
-    return task, train_stages(task, TIGHT, alpha=1.0, progress=False)
+    return task, train_stages(task, replace(TIGHT, alpha=1.0), progress=False)
 
 
 def scores(task, trained, solver: SolverConfig, ids=(0, 1, 2, 3)):
-    config = InfluenceConfig(alpha=trained.alpha, pretrain_solver=solver, finetune_solver=solver)
+    config = InfluenceConfig(pretrain_solver=solver, finetune_solver=solver)
     return multi_stage_scores(task, trained, list(ids), config, progress=False)
 
 
 def test_auto_is_pcg_above_the_exact_limit_on_linear_layers_and_the_run_records_it(tiny, monkeypatch):
     """Above AUTO_EXACT_MAX_DIM (lowered here), "auto" solves both EK-FAC-able systems by pcg (exact
-    answers) and the diagnostics name pcg; the fixed scenario's head stays exact."""
+    answers) and the diagnostics name pcg; the fixed scenario's head, at the limit, stays exact."""
     task, trained = tiny
-    monkeypatch.setattr(ekfac, "AUTO_EXACT_MAX_DIM", 10)
+    monkeypatch.setattr(solver_registry, "AUTO_EXACT_MAX_DIM", task.u_layout.size)
+    assert task.u_layout.size < min(task.n_pretrain_params, task.n_finetune_params)
     reference, _ = scores(task, trained, SolverConfig("exact"))
     got, diag = scores(task, trained, SolverConfig("auto", tol=1e-10))
     for s in ("fixed", "updated"):
@@ -144,7 +147,7 @@ def test_auto_is_cg_above_the_limit_without_full_ekfac_cover_or_positive_shift(t
     task, _ = tiny
     auto = SolverConfig("auto")
     assert pretrain_config(task, auto).name == "exact"
-    monkeypatch.setattr(ekfac, "AUTO_EXACT_MAX_DIM", 10)
+    monkeypatch.setattr(solver_registry, "AUTO_EXACT_MAX_DIM", 10)
     assert pretrain_config(task, auto).name == "pcg"
     assert pretrain_config(task, SolverConfig("cg")).name == "cg"
     data = (task.pretrain_x, task.pretrain_y, task.finetune_x, task.finetune_y, task.test_x, task.test_y)

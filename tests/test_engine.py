@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,8 @@ def test_updated_tends_to_fixed_as_alpha_grows():
     task = build_check_task(seed=2)
     gaps = []
     for alpha in (1.0, 1e2, 1e4):
-        trained = train_stages(task, TIGHT, alpha=alpha, progress=False)
-        s, _ = scores_with(task, trained, EXACT, alpha=alpha)
+        trained = train_stages(task, replace(TIGHT, alpha=alpha), progress=False)
+        s, _ = scores_with(task, trained, EXACT)
         gaps.append(np.abs(s["updated"] - s["fixed"]).max() / np.abs(s["fixed"]).max())
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 1e-3, gaps
@@ -116,9 +118,9 @@ def test_non_finite_loss_is_refused():
     task = small_task()
     task.pretrain_x[0, 0] = float("nan")
     with pytest.raises(TaskError, match="objective is non-finite"):
-        train_stages(task, TrainConfig(max_iter=5), alpha=1.0, progress=False)
+        train_stages(task, TrainConfig(max_iter=5, alpha=1.0), progress=False)
     clean = small_task().to("cpu", torch.float64)        # float64 reaches a certified minimum
     clean.test_x[1, 0] = float("inf")
-    trained = train_stages(clean, TrainConfig(), alpha=1.0, progress=False)          # a certified minimum
+    trained = train_stages(clean, TrainConfig(alpha=1.0), progress=False)          # a certified minimum
     with pytest.raises(TaskError, match=r"non-finite on test id\(s\) \[1\]"):
         multi_stage_scores(clean, trained, [0, 1], InfluenceConfig(), progress=False)

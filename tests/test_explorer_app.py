@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from explorer import charts, render, state  # noqa: E402
+from precompute.metrics import fit_summary  # noqa: E402
 from precompute.runstore import open_run  # noqa: E402
 from run_factory import write_synthetic_run  # noqa: E402
 
@@ -393,9 +394,9 @@ def test_text_cards_escape_html_and_highlight_shared_words():
 
 def test_fit_stats():
     x = np.array([1.0, 2.0, 3.0, 4.0])
-    s = charts.fit_stats(x, 2 * x + 1)
+    s = fit_summary(x, 2 * x + 1)
     assert s["pearson"] == pytest.approx(1) and s["spearman"] == pytest.approx(1) and s["slope"] == pytest.approx(2)
-    assert np.isnan(charts.fit_stats([1.0], [2.0])["pearson"])
+    assert np.isnan(fit_summary([1.0], [2.0])["pearson"])
 
 
 def test_histogram_splits_at_zero():

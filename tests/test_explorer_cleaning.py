@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from explorer import charts, data, state  # noqa: E402
+from precompute.metrics import detection_curve  # noqa: E402
 from precompute.runstore import open_run  # noqa: E402
 from run_factory import write_synthetic_run  # noqa: E402
 
@@ -230,7 +231,7 @@ def test_deep_links(monkeypatch, runs):
 def test_pure_chart_helpers():
     rng = np.random.default_rng(0)
     scores, pos = rng.standard_normal(500), rng.random(500) < 0.1
-    x, y = charts.detection_curve(scores, pos, points=11)
+    x, y = detection_curve(scores, pos, points=11)
     assert x[0] == 0 and x[-1] == 1 and y[0] == 0 and y[-1] == 1 and np.all(np.diff(y) >= 0)
     top = expected_order(scores, 100)
     assert y[2] == pytest.approx(pos[top].sum() / pos.sum())

@@ -8,6 +8,8 @@ two gloo ranks must give the single-process arrays.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -23,13 +25,13 @@ from ranks import run_on_ranks
 
 ALPHA = 0.5
 EXACT = SolverConfig("exact")
-CONFIG = InfluenceConfig(alpha=ALPHA, pretrain_solver=EXACT, finetune_solver=EXACT, chunk_size=16)
+CONFIG = InfluenceConfig(pretrain_solver=EXACT, finetune_solver=EXACT, chunk_size=16)
 
 
 @pytest.fixture(scope="module")
 def chain():
     task = build_check_task(n_pretrain=41)
-    return task, train_stages(task, TIGHT, alpha=ALPHA, progress=False)
+    return task, train_stages(task, replace(TIGHT, alpha=ALPHA), progress=False)
 
 
 def test_facade_gives_the_function_path_scores(chain):
@@ -49,7 +51,7 @@ def test_facade_gives_the_function_path_scores(chain):
 def test_self_influence_is_the_brute_force_quadratic_form(chain):
     task, trained = chain
     damping = 1e-3
-    config = InfluenceConfig(alpha=ALPHA, pretrain_solver=SolverConfig("exact", damping=damping), finetune_solver=EXACT)
+    config = InfluenceConfig(pretrain_solver=SolverConfig("exact", damping=damping), finetune_solver=EXACT)
     values = MultiStageInfluence(task, trained, config).self_influence()
     p = trained.p
     h = dense_hessian(batched_hvp(task.pretrain_objective, p), task.n_pretrain_params, p.dtype, p.device)
@@ -102,7 +104,7 @@ def test_measurement_changes_what_is_explained(chain):
 
 
 def _two_rank_facade(rank, world, task, trained, solver):
-    config = InfluenceConfig(alpha=ALPHA, pretrain_solver=SolverConfig(solver), finetune_solver=EXACT, chunk_size=8)
+    config = InfluenceConfig(pretrain_solver=SolverConfig(solver), finetune_solver=EXACT, chunk_size=8)
     influence = MultiStageInfluence(task, trained, config)
     return influence.scores([0, 4]), influence.self_influence()
 

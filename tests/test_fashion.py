@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gzip
 import shutil
 
@@ -100,7 +102,7 @@ def tiny_cnn():
     task = TwoStageTask(fashion_cnn(hidden=6, channels=(2, 3)), nn.Linear(6, 3), nn.Linear(6, 2),
                         x(pre), y(pre), x(fine)[::2], y(fine)[::2], x(fine)[1::2], y(fine)[1::2],
                         pretrain_l2=1e-2, finetune_l2=1e-2).to("cpu", torch.float64)
-    trained = train_stages(task, TIGHT, alpha=0.5, progress=False)
+    trained = train_stages(task, replace(TIGHT, alpha=0.5), progress=False)
     assert trained.pretrain.converged
     return task, trained
 

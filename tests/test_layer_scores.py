@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from precompute.influence import per_example_gradients, score_pretraining
+from precompute.scoring import per_example_gradients, score_pretraining
 from precompute.layer_scores import layer_slots
 from precompute.task import TwoStageTask
 

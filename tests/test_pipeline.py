@@ -67,7 +67,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch, capsys)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "multi_stage_scores", interrupt)
+    monkeypatch.setattr(pipeline.MultiStageInfluence, "scores", interrupt)
     assert main(["--preset", "digits", "--quick", "--no-validate", "--out", str(tmp_path / "run")]) == 130
     assert list(tmp_path.iterdir()) == []
     assert "nothing was written" in capsys.readouterr().err

@@ -10,8 +10,8 @@ from torch import nn
 
 from precompute.config import InfluenceConfig
 from precompute.fd_check import build_check_task
-from precompute.influence import (multi_stage_scores, per_example_gradients, precision_check, score_pretraining,
-                                  stacked_test_vectors)
+from precompute.influence import multi_stage_scores, stacked_test_vectors
+from precompute.scoring import per_example_gradients, precision_check, score_pretraining
 from precompute.task import TaskError, TwoStageTask
 
 from tiny_task import EXACT, scores_with
@@ -66,7 +66,7 @@ def test_bfloat16_scoring_is_reported_against_full_precision(tiny):
     from precompute.training import TrainedStages, TrainResult
     cast = lambda r: TrainResult(r.params.float(), r.objective, r.grad_norm, r.iterations, r.converged)
     trained32 = TrainedStages(cast(trained64.pretrain), {s: cast(r) for s, r in trained64.finetune.items()}, 1.0)
-    config = InfluenceConfig(alpha=1.0, pretrain_solver=EXACT, finetune_solver=EXACT, score_precision="bfloat16")
+    config = InfluenceConfig(pretrain_solver=EXACT, finetune_solver=EXACT, score_precision="bfloat16")
     low, diagnostics = multi_stage_scores(task32, trained32, [0, 1, 2, 3], config, progress=False)
     for s in ref:
         r = np.corrcoef(ref[s].ravel(), low[s].ravel())[0, 1]
@@ -78,7 +78,7 @@ def test_bfloat16_scoring_is_reported_against_full_precision(tiny):
     # a 7-example sample of full-precision scores re-scored at full precision: identical, which
     # checks the sample's 1/m rescaling
     vectors, _ = stacked_test_vectors(task64, trained64, [0, 1, 2, 3], InfluenceConfig(
-        alpha=1.0, pretrain_solver=EXACT, finetune_solver=EXACT))
+        pretrain_solver=EXACT, finetune_solver=EXACT))
     for s, check in precision_check(task64, trained64.p, vectors, ref, n_sample=7).items():
         assert check["n_sample"] == 7 and check["max_rel_error"] < 1e-6 and check["pearson_vs_full"] > 1 - 1e-9
     with pytest.raises(TaskError, match="float32"):

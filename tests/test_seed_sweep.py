@@ -35,7 +35,7 @@ def _train(preset: str, seed: int, threads: int, jitter: float, quick: bool = Tr
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return train_stages(task, config.train, config.influence.alpha, progress=False)
+        return train_stages(task, config.train, progress=False)
     finally:
         torch.set_num_threads(before)
 

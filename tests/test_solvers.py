@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from precompute.config import SolverConfig
-from precompute.solvers import SolverError, make_solver
+from precompute.solver_registry import LinearSystem, build_solver
+from precompute.solvers import SolverError
 
 from tiny_task import scores_with
 
@@ -39,7 +40,7 @@ def test_solvers_on_a_known_matrix():
     truth = torch.linalg.solve(h + 0.1 * torch.eye(30, dtype=torch.float64), b)
     for name in ("exact", "cg", "lissa", "arnoldi"):
         cfg = SolverConfig(name, damping=0.1, tol=1e-12, max_iter=5000, rank=30, oversample=0)
-        x, diag = make_solver(lambda v: h @ v, 30, cfg, torch.float64, "cpu").solve(b)
+        x, diag = build_solver(LinearSystem(lambda v: h @ v, 30, torch.float64, torch.device("cpu")), cfg).solve(b)
         assert torch.allclose(x, truth, rtol=1e-6, atol=1e-8), name
         assert diag.relative_residual < 1e-6
         true_eigs = torch.linalg.eigvalsh(h)
@@ -52,7 +53,7 @@ def test_indefinite_hessian_is_refused(name):
     b = torch.ones(3, 2, dtype=torch.float64)
     cfg = SolverConfig(name, max_iter=500, rank=3, oversample=0)
     with pytest.raises(SolverError, match="damping"):
-        make_solver(lambda v: h @ v, 3, cfg, torch.float64, "cpu").solve(b)
+        build_solver(LinearSystem(lambda v: h @ v, 3, torch.float64, torch.device("cpu")), cfg).solve(b)
 
 
 def test_unknown_solver_name():

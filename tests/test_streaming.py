@@ -9,6 +9,8 @@ two gloo ranks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 
 import numpy as np
@@ -27,7 +29,7 @@ from ranks import run_on_ranks
 
 M = 61            # the check task's pretraining set; chunk sizes below include ones that do not divide it
 TEST_IDS = [0, 1, 2]
-CONFIG = InfluenceConfig(alpha=0.1, pretrain_solver=SolverConfig("exact"), finetune_solver=SolverConfig("exact"),
+CONFIG = InfluenceConfig(pretrain_solver=SolverConfig("exact"), finetune_solver=SolverConfig("exact"),
                          chunk_size=8)
 
 
@@ -114,8 +116,8 @@ def test_two_ranks_streamed_hvp(task, point):
 def test_lazy_task_trains_solves_and_scores_like_in_memory(task, tmp_path):
     lazy = lazy_copy(task, tmp_path)
     assert isinstance(pretraining_objective(lazy), StreamedPretrainObjective)
-    trained = train_stages(task, TIGHT, alpha=0.1, progress=False)
-    trained_lazy = train_stages(lazy, TIGHT, alpha=0.1, progress=False)
+    trained = train_stages(task, replace(TIGHT, alpha=0.1), progress=False)
+    trained_lazy = train_stages(lazy, replace(TIGHT, alpha=0.1), progress=False)
     # both reach a certified minimum (L-BFGS, then Newton on the chunked Hessian); two stationary points of
     # one strict minimum lie within (‖g₁‖ + ‖g₂‖)/λ_min of each other, whatever rounding each machine does
     for a, b in zip(trained_lazy.stages().values(), trained.stages().values()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -14,7 +16,9 @@ from precompute.fd_check import TIGHT, build_check_task
 from precompute.influence import multi_stage_scores
 from precompute.retraining import RetrainError, retrain
 from precompute.training import finetune_fixed, finetune_updated, pretrain, train_stages
-from precompute.validation import GROUP_COLUMNS, PAIR_COLUMNS, fit_summary, pearson, slope, spearman, validate
+from precompute.contract import GROUP_COLUMNS, PAIRS_COLUMNS as PAIR_COLUMNS
+from precompute.metrics import fit_summary, pearson, slope, spearman
+from precompute.validation import validate
 
 EXACT = SolverConfig("exact")
 TEST_IDS = [0, 1, 2, 3, 4, 5]
@@ -24,8 +28,8 @@ STRICT = ValidationConfig(retrain_tol=1e-11, retrain_max_iter=200)
 @pytest.fixture(scope="module")
 def tiny():
     task = build_check_task(seed=1)
-    trained = train_stages(task, TIGHT, alpha=1.0, progress=False)
-    config = InfluenceConfig(alpha=1.0, pretrain_solver=EXACT, finetune_solver=EXACT)
+    trained = train_stages(task, replace(TIGHT, alpha=1.0), progress=False)
+    config = InfluenceConfig(pretrain_solver=EXACT, finetune_solver=EXACT)
     scores, _ = multi_stage_scores(task, trained, TEST_IDS, config, progress=False)
     return task, trained, scores
 

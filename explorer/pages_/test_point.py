@@ -11,6 +11,7 @@ import functools
 
 import streamlit as st
 
+from precompute.metrics import fit_summary
 from explorer import charts, components as ui, data, render, slices, state, story
 from explorer.state import SEL_PRETRAIN, SEL_TEST
 
@@ -102,7 +103,7 @@ def _scatter(test_id: int, evidence) -> None:
                       "retraining did not converge and is not counted.")
     # the same pairs as the manifest's figures: a retraining that missed the tolerance is not counted
     counted = story.converged_pairs(evidence)
-    stats = charts.fit_stats(counted["predicted"], counted["actual"])
+    stats = fit_summary(counted["predicted"], counted["actual"])
     left_out = len(evidence) - len(counted)
     options = list(dict.fromkeys(int(p) for p in evidence.sort_values("predicted", ascending=False)["pretrain_id"]))
     if st.session_state.get(PICK) not in options:

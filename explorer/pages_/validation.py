@@ -7,6 +7,7 @@ import functools
 import pandas as pd
 import streamlit as st
 
+from precompute.metrics import fit_summary
 from explorer import charts, components as ui, data, render, state, story
 from explorer.state import SEL_TEST
 
@@ -47,7 +48,7 @@ else:
         st.selectbox(f"Validated test point ({len(val_tests)})", val_tests, key="w_val_test", format_func=_label,
                      on_change=state.copy_to_selection, args=("w_val_test", SEL_TEST))
     test_id = ctx.test_id
-    overall = (m.get("validation") or {}).get(scenario) or charts.fit_stats(all_pairs["predicted"], all_pairs["actual"])
+    overall = (m.get("validation") or {}).get(scenario) or fit_summary(all_pairs["predicted"], all_pairs["actual"])
     with c_metrics:
         cols = st.columns(4)
         cols[0].metric("Pearson (all)", charts.fmt_stat(overall.get("pearson")))
@@ -59,8 +60,8 @@ else:
     tp_pairs = data.pairs(key, scenario, test_id)
     # the manifest's figures count converged retrainings only; so do the charts' (the rest are hollow)
     tp_counted, all_counted = story.converged_pairs(tp_pairs), story.converged_pairs(all_pairs)
-    tp_stats = charts.fit_stats(tp_counted["predicted"], tp_counted["actual"])
-    all_stats = charts.fit_stats(all_counted["predicted"], all_counted["actual"])
+    tp_stats = fit_summary(tp_counted["predicted"], tp_counted["actual"])
+    all_stats = fit_summary(all_counted["predicted"], all_counted["actual"])
 
     def _title(text: str, pairs: pd.DataFrame, counted: pd.DataFrame) -> str:
         hollow = len(pairs) - len(counted)
