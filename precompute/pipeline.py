@@ -21,6 +21,7 @@ from .config import RunConfig
 from .distributed import agreed, broadcast_object, get_rank, get_world_size, rank_zero_compute
 from .errors import ConfigError
 from .ekfac import with_factor_cache
+from .manifest import Manifest
 from .models import embedding_units
 from .multistage import MultiStageInfluence
 from .data import DataError
@@ -212,7 +213,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
         finally:
             trained.hessians.clear()         # shared by certificates, solves, retraining and baselines: done
         path = commit_after_barrier(writer, manifest)
-    return RunSummary(path, manifest or {})
+    return RunSummary(path, manifest.as_dict() if manifest is not None else {})
 
 
 def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[TaskData, TwoStageTask, RunConfig]:
@@ -250,33 +251,30 @@ def check_streamable(config: RunConfig, data: TaskData) -> None:
 
 def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,
               scores: dict[str, np.ndarray], diagnostics: dict, preds: dict, test_ids: list[int], evidence: "Evidence",
-              config: RunConfig, timer: Timer, device: torch.device, world: int) -> dict:
+              config: RunConfig, timer: Timer, device: torch.device, world: int) -> Manifest:
     """Every file of the run but the manifest (rank 0); returns the manifest to commit."""
     diagnostics = {s: {**diagnostics[s], "training": {"pretrain": trained.pretrain.summary(),
                                                       "finetune": trained.finetune[s].summary()}}
                    for s in config.influence.scenarios}
     pre_table = write_files(writer, data, task, trained, scores, preds, evidence, config)
-    return {
-        "preset": config.data.preset, "modality": data.modality,
-        "n_pretrain": task.m, "n_finetune_test": len(data.finetune_test),
-        "test_points": test_ids, "validation_test_points": evidence.validation_test_points,
-        "scenarios": list(config.influence.scenarios),
-        "pretrain_class_names": list(data.pretrain.class_names),
-        "finetune_class_names": list(data.finetune_test.class_names),
-        "pretrain_accuracy": float((pre_table["predicted_label"] == pre_table["label"]).mean()),
-        "finetune_accuracy": {s: float((preds[s][0] == data.finetune_test.labels).mean())
-                              for s in config.influence.scenarios},
-        "validation": evidence.summary, "baselines": evidence.baselines,
-        "group_removal": evidence.group_summary, "validation_protocol": evidence.protocol,
-        "lds": evidence.lds, "timings_s": timer.seconds, "diagnostics": diagnostics,
-        "config": asdict(config), "device": str(device), "dtype": config.dtype, "world_size": world,
-        "n_pretrain_params": task.n_pretrain_params, "n_finetune_params": task.n_finetune_params,
-        "label_noise": None if data.flipped is None else {
+    return Manifest(
+        preset=config.data.preset, modality=data.modality, n_pretrain=task.m,
+        n_finetune_test=len(data.finetune_test), test_points=test_ids,
+        validation_test_points=evidence.validation_test_points, scenarios=list(config.influence.scenarios),
+        pretrain_class_names=list(data.pretrain.class_names),
+        finetune_class_names=list(data.finetune_test.class_names),
+        pretrain_accuracy=float((pre_table["predicted_label"] == pre_table["label"]).mean()),
+        finetune_accuracy={s: float((preds[s][0] == data.finetune_test.labels).mean())
+                           for s in config.influence.scenarios},
+        validation=evidence.summary, baselines=evidence.baselines, group_removal=evidence.group_summary,
+        validation_protocol=evidence.protocol, lds=evidence.lds, timings_s=timer.seconds, diagnostics=diagnostics,
+        config=asdict(config), device=str(device), dtype=config.dtype, world_size=world,
+        n_pretrain_params=task.n_pretrain_params, n_finetune_params=task.n_finetune_params,
+        label_noise=None if data.flipped is None else {
             "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
-        "mislabel_detection": evidence.mislabel_detection, "cleaning": evidence.cleaning,
-        "image_shape": list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
-        "embedding_units": embedding_units(task, trained),
-    }
+        mislabel_detection=evidence.mislabel_detection, cleaning=evidence.cleaning,
+        image_shape=list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
+        embedding_units=embedding_units(task, trained))
 
 
 def write_files(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: TrainedStages,

@@ -28,6 +28,7 @@ import pandas as pd
 
 from .contract import SCORE_DEFINITION
 from .memmaps import release_mapped_pages
+from .manifest import Manifest
 from .run_schema import (FORMAT_VERSION, RunStoreError, check_relpath, dump_json, json_safe, now_iso,
                          validate_run, validate_run_name)
 from .runstore import open_run
@@ -172,11 +173,11 @@ class RunWriter:
 
     # commit ---------------------------------------------------------------------------------------
     @_reports_io_errors
-    def commit(self, manifest: dict) -> Path:
+    def commit(self, manifest: Manifest | dict) -> Path:
         """Validate, write manifest.json last, rename into place; return the final path."""
         if self._committed or self._closed:
             raise RunStoreError("this RunWriter is closed")
-        manifest = dict(manifest)
+        manifest = manifest.as_dict() if isinstance(manifest, Manifest) else dict(manifest)
         manifest.setdefault("format_version", FORMAT_VERSION)
         manifest.setdefault("name", self.out_dir.name)
         manifest.setdefault("created", now_iso())

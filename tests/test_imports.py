@@ -18,14 +18,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "precompute"
 MATH_LAYER = ("task", "curvature", "solvers", "training", "streaming", "scoring", "influence", "distributed")
-TORCH_FREE = ("errors", "contract", "memmaps", "metrics", "run_schema", "runstore", "run_writer")
-RUN_STORE = ("run_schema", "runstore", "run_writer", "run_commit")
+TORCH_FREE = ("errors", "contract", "memmaps", "metrics", "manifest", "run_schema", "runstore", "run_writer")
+RUN_STORE = ("manifest", "run_schema", "runstore", "run_writer", "run_commit")
 
 # Floors, lowest first: a module may import modules of its own floor or of lower floors, never of a
 # higher one (cycles within a floor are caught by the cycle check). The torch-free run store sits
 # below the math; the two meet in the run commit (processes), the checks and the pipeline.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("errors", "contract", "memmaps", "metrics", "progress", "models"),   # nothing of the package
+    ("errors", "contract", "memmaps", "metrics", "progress", "models", "manifest"),   # nothing of the package
     ("config", "run_schema"),                    # every knob; the run directory's schema
     ("runstore",),                               # the reader (the explorer's import)
     ("run_writer",),                             # atomic writes (replaces only what the reader opens)
