@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
                         "business/politics/tech, finetune entertainment vs sports; fashion: Fashion-MNIST, "
                         "a CNN pretrained on T-shirt/coat/shirt/sandal/boot, finetuned on trouser/pullover/"
-                        "dress/sneaker/bag (slow on a CPU: see README); custom: your files (--pretrain-data); "
+                        "dress/sneaker/bag (slow on a CPU: see docs/performance.md); custom: your files (--pretrain-data); "
                         "demo: digits and news into the runs root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", **option("influence.chunk_size"))
     g.add_argument("--score-precision", choices=SCORE_PRECISIONS, **option("influence.score_precision"))
 
-    g = p.add_argument_group("scale (see README: torchrun -m precompute ... shards the scoring pass)")
+    g = p.add_argument_group("scale (see docs/cli.md: torchrun -m precompute ... shards the scoring pass)")
     g.add_argument("--scores-to-disk", **option("scores_to_disk"))
     g.add_argument("--rank-zero-solve", **option(
         "influence.distributed_solve", "under torchrun: rank 0 solves the pretraining Hessian system over the "

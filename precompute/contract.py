@@ -3,7 +3,7 @@
 Plain constants, no imports: the math layer (which states the score it computes), the run store
 (which validates runs against them) and the explorer (which reads them) all use this module
 without pulling in each other, torch or pandas. docs/design.md §5 describes the whole contract;
-``precompute.runstore`` enforces it.
+``precompute.run_schema`` enforces it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SCORE_DEFINITION = (
     "score < 0: HARMFUL."
 )
 
-# Columns every run's tables hold (``precompute.runstore`` refuses a run that lacks one).
+# Columns every run's tables hold (``precompute.run_schema`` refuses a run that lacks one).
 PRETRAIN_COLUMNS = ("id", "label", "label_name", "source", "pretrain_loss", "predicted_label")
 TEST_COLUMNS = ("id", "label", "label_name", "source")      # + pred_<s>, loss_<s>, correct_<s> per scenario
 NOISE_COLUMNS = ("original_label", "flipped")               # pretrain.parquet of runs with label noise

@@ -4,7 +4,7 @@
 (1→c1→c2 channels, 28→12→4 pixels), tanh after each, then Linear(c2·16, hidden) + tanh. With the
 defaults (8, 16, 32) θ has 11,648 parameters and P = 11,813 with a 5-class head; quick mode's
 (4, 8, 8) has P = 1,989. Stride instead of
-pooling keeps a full-batch pass cheap (measured in the README: float32 vs float64, m = 5,000).
+pooling keeps a full-batch pass cheap (measured in docs/cli.md, Presets: float32 vs float64, m = 5,000).
 
 ``distinct_units``: how many embedding units carry distinct information (a collapsed embedding
 has units that are constant or equal up to sign to another unit).

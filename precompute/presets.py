@@ -173,7 +173,7 @@ def quick_config(config: RunConfig) -> RunConfig:
     data = replace(config.data, max_pretrain=config.data.max_pretrain or pre,
                    max_finetune=config.data.max_finetune or fine)
     # The fashion CNN's stragglers would each build a dense Hessian (1,989 products, ~35 s) after the 100
-    # shared steps (``retraining.SHARED_ITERS``): quick mode flags them instead (README, "Is it right?").
+    # shared steps (``retraining.SHARED_ITERS``): quick mode flags them instead (docs/evidence.md).
     retrain_iters = QUICK_CNN_RETRAIN_ITERS if quick_model else config.validation.retrain_max_iter
     return replace(config, quick=True, data=data, model=model, n_test_points=6,
                    validation=replace(config.validation, n_test_points=3, k=3, group_percents=(5.0, 10.0),
