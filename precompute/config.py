@@ -207,9 +207,7 @@ class ValidationConfig:
     retrain_max_iter: iteration cap per retraining.
     per_model_hessians: stragglers (still above tol after ``retraining.SHARED_ITERS`` steps) get a dense
                      Hessian of their own every ``REFRESH_ITERS`` steps (P products each); False keeps
-                     the shared preconditioner for ``retrain_max_iter`` steps, then takes truncated
-                     Newton steps by CG on each model's own Hessian products (models whose Hessian
-                     costs minutes).
+                     the shared preconditioner for every step (models whose Hessian costs minutes).
     batch_size:      retrainings run together in one batched (vmapped) optimisation.
     seed:            seed of the random removals and subsets.
     """

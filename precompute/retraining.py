@@ -19,15 +19,13 @@ halved until the objective decreases (Armijo; a safeguard for non-convex objecti
 still above tol after ``SHARED_ITERS`` steps get a dense Hessian of their own at their current
 point, refreshed every ``REFRESH_ITERS`` steps (saddle-free: |eigenvalues|): this is needed when a
 removal makes the local minimum vanish (a fold) and the model slides to another basin, far from
-where the shared M is accurate. Where per-model dense Hessians are off (``per_model_hessians``) or
-out of reach (D above ``MAX_DENSE_PARAMS``), the stragglers take truncated Newton steps instead:
-CG on each model's own Hessian-vector products, preconditioned by the shared M (``truncated_newton``;
-no Hessian is formed). A model has converged when ‖∇L_b‖₂ ≤ tol; the others are flagged.
+where the shared M is accurate. A model has converged when ‖∇L_b‖₂ ≤ tol within max_iter steps;
+the others are flagged.
 
 Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning), up to ``MAX_DENSE_PARAMS``
-(memory D² floats and an O(D³) eigendecomposition). Above it M is a low-rank Lanczos factorisation
-plus the bulk curvature (``precompute.lowrank``), shared for every step, and a per-model dense M_b
-raises ``RetrainError``.
+(memory D² floats and an O(D³) eigendecomposition). Above it (the fashion CNN) M is a low-rank
+Lanczos factorisation plus the bulk curvature (``precompute.lowrank``), shared for every step, and a
+per-model dense M_b raises ``RetrainError``.
 """
 
 from __future__ import annotations
@@ -66,11 +64,6 @@ would exceed REFRESH_BYTES (D = 1125: 16 models, 160 MB; D = 5000: 2 models)."""
 # where the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
 MAX_ESCAPES = 2
 """Saddle escapes per retrained model and stage (``Retrainer.certify_stage``)."""
-NEWTON_STEPS = 20
-"""Truncated-Newton steps at most for the models the shared-M steps left (``truncated_newton``),
-where per-model dense Hessians are off or out of reach."""
-NEWTON_CG_ITERS = 60
-"""CG iterations (batched Hessian-vector products) at most per Newton step."""
 
 BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
@@ -177,46 +170,33 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
             rho[active[uphill]] = 0.0
             step[uphill] = -precond(ga[uphill], active[uphill])
             slope = (ga * step).sum(1)
-        acc, x_new, g_new, f_new = armijo_steps(batched, xa, fa, da, step, slope, slack)
-        rows = active[acc]
-        s_new, y_new = x_new[acc] - xa[acc], g_new[acc] - ga[acc]
-        x[rows], g[rows], f[rows] = x_new[acc], g_new[acc], f_new[acc]
-        # Keep a pair only with positive curvature, so the implied inverse Hessian stays PD.
-        sy = (s_new * y_new).sum(1)
-        keep = sy > 1e-12 * s_new.norm(dim=1) * y_new.norm(dim=1)
-        rows_k = rows[keep]
-        s_hist[rows_k] = torch.cat([s_new[keep, None], s_hist[rows_k, :-1]], 1)
-        y_hist[rows_k] = torch.cat([y_new[keep, None], y_hist[rows_k, :-1]], 1)
-        rho[rows_k] = torch.cat([(1.0 / sy[keep])[:, None], rho[rows_k, :-1]], 1)
+        t = torch.ones(len(active), **kw)
+        todo = torch.arange(len(active), device=x.device)
+        for _ in range(MAX_HALVINGS + 1):
+            cand = xa[todo] + t[todo, None] * step[todo]
+            gc, fc = batched(cand, da[todo])
+            bound = fa[todo] + ARMIJO * t[todo] * slope[todo] + slack * fa[todo].abs().clamp_min(1.0)
+            ok = torch.isfinite(fc) & (fc <= bound)
+            rows, acc = active[todo[ok]], todo[ok]
+            s_new, y_new = cand[ok] - xa[acc], gc[ok] - ga[acc]
+            x[rows], g[rows], f[rows] = cand[ok], gc[ok], fc[ok]
+            # Keep a pair only with positive curvature, so the implied inverse Hessian stays PD.
+            sy = (s_new * y_new).sum(1)
+            keep = sy > 1e-12 * s_new.norm(dim=1) * y_new.norm(dim=1)
+            rows_k = rows[keep]
+            s_hist[rows_k] = torch.cat([s_new[keep, None], s_hist[rows_k, :-1]], 1)
+            y_hist[rows_k] = torch.cat([y_new[keep, None], y_hist[rows_k, :-1]], 1)
+            rho[rows_k] = torch.cat([(1.0 / sy[keep])[:, None], rho[rows_k, :-1]], 1)
+            todo = todo[~ok]
+            if todo.numel() == 0:
+                break
+            t[todo] = t[todo] / 2
         # No decrease even with a 2⁻³⁰ step: the rounding floor is reached; stop that model.
-        stalled[active[~acc]] = True
+        stalled[active[todo]] = True
         gnorm = g.norm(dim=1)
         if on_iter is not None:
             on_iter(iterations, gnorm)
     return StageFit(x, gnorm, gnorm <= tol, iterations, stalled & (gnorm > tol))
-
-
-def armijo_steps(batched: Callable, x: Tensor, f: Tensor, data: Tensor, step: Tensor, slope: Tensor,
-                 slack: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per row, the first t in 1, 1/2, ... 2^-MAX_HALVINGS for which x + t·step lowers the objective by
-    Armijo's rule (within ``slack`` ulps of rounding). ``batched(x, data)`` -> (gradients, values).
-    Returns (accepted [k] bool, x_new, g_new, f_new): rows not accepted hold garbage in the last three."""
-    accepted = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    x_new, g_new, f_new = torch.empty_like(x), torch.empty_like(x), torch.empty_like(f)
-    t = torch.ones(len(x), dtype=x.dtype, device=x.device)
-    todo = torch.arange(len(x), device=x.device)
-    for _ in range(MAX_HALVINGS + 1):
-        cand = x[todo] + t[todo, None] * step[todo]
-        gc, fc = batched(cand, data[todo])
-        bound = f[todo] + ARMIJO * t[todo] * slope[todo] + slack * f[todo].abs().clamp_min(1.0)
-        ok = torch.isfinite(fc) & (fc <= bound)
-        acc = todo[ok]
-        x_new[acc], g_new[acc], f_new[acc], accepted[acc] = cand[ok], gc[ok], fc[ok], True
-        todo = todo[~ok]
-        if todo.numel() == 0:
-            break
-        t[todo] = t[todo] / 2
-    return accepted, x_new, g_new, f_new
 
 
 def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[Tensor], Tensor]) -> Tensor:
@@ -237,101 +217,6 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
     return r
 
 
-def batched_hvp_rows(objective: BatchedObjective, x: Tensor, data: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """(V [k, D], rows [k]) -> H_r(x_r) v per row r, H_r the Hessian of objective(·, data_r): one vmapped
-    forward-over-reverse product per call (no Hessian is formed)."""
-    grad_f = grad(objective)
-    product = vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])
-    return lambda v, rows: product(x[rows], data[rows], v)
-
-
-def truncated_newton(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Callable, tol: float,
-                     max_steps: int = None, cg_iters: int = None,
-                     on_iter: OnIteration | None = None) -> StageFit:
-    """Newton steps for every row, each solved by CG on exact Hessian products of that row's own
-    objective, preconditioned by the shared M⁻¹ (``precond(g [k, D], rows)``); no per-model Hessian.
-
-    The models left after the shared-M steps (``solve_stage``) sit where M no longer describes their
-    Hessian: a removal moved the minimum along a soft direction of H. CG needs only as many
-    iterations as M⁻¹H_b has outlying eigenvalues (a removal changes few), and converges to the
-    Newton step, so the outer loop is quadratic near a minimum. Forcing: CG stops at relative
-    residual min(0.5, √‖g‖). Where CG meets negative curvature (pᵀH_b p ≤ 0) it stops: the step so
-    far, or on the first iteration that direction signed downhill (a way off a saddle). A step
-    that is not downhill falls back to −M⁻¹g. Armijo halving as in ``preconditioned_lbfgs``.
-    """
-    max_steps = NEWTON_STEPS if max_steps is None else max_steps
-    cg_iters = NEWTON_CG_ITERS if cg_iters is None else cg_iters
-    batched = vmap(grad_and_value(objective), in_dims=(0, 0))
-    x = x0.detach().clone()
-    g, f = batched(x, data)
-    gnorm = g.norm(dim=1)
-    stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
-    steps = 0
-    for _ in range(max_steps):
-        active = ((gnorm > tol) & ~stalled).nonzero()[:, 0]
-        if active.numel() == 0:
-            break
-        steps += 1
-        ga, fa, xa, da = g[active], f[active], x[active], data[active]
-        hvp = batched_hvp_rows(objective, xa, da)
-        step = _newton_cg(hvp, ga, lambda v, rows: precond(v, active[rows]), cg_iters)
-        slope = (ga * step).sum(1)
-        uphill = ~(slope < 0)
-        if uphill.any():
-            step[uphill] = -precond(ga[uphill], active[uphill])
-            slope = (ga * step).sum(1)
-        acc, x_new, g_new, f_new = armijo_steps(batched, xa, fa, da, step, slope, slack)
-        rows = active[acc]
-        x[rows], g[rows], f[rows] = x_new[acc], g_new[acc], f_new[acc]
-        stalled[active[~acc]] = True
-        gnorm = g.norm(dim=1)
-        if on_iter is not None:
-            on_iter(steps, gnorm)
-    return StageFit(x, gnorm, gnorm <= tol, steps, stalled & (gnorm > tol))
-
-
-def _newton_cg(hvp: Callable[[Tensor, Tensor], Tensor], g: Tensor, precond: Callable[[Tensor, Tensor], Tensor],
-               max_iter: int) -> Tensor:
-    """d ≈ −H_b⁻¹ g_b per row by preconditioned CG (see ``truncated_newton``); g [B, D] -> d [B, D].
-    ``hvp(v, rows)`` and ``precond(v, rows)`` act on the listed rows only (finished rows cost nothing)."""
-    every = torch.arange(len(g), device=g.device)
-    d = torch.zeros_like(g)
-    r = -g
-    z = precond(r, every)
-    p = z.clone()
-    rz = (r * z).sum(1)
-    gnorm = g.norm(dim=1)
-    target = torch.minimum(torch.full_like(gnorm, 0.5), gnorm.sqrt()) * gnorm
-    live = every.clone()
-    for it in range(max_iter):
-        if live.numel() == 0:
-            break
-        pl = p[live]
-        hp = hvp(pl, live)
-        curv = (pl * hp).sum(1)
-        bad = ~(curv > 0)
-        if bad.any():               # negative curvature: keep the step so far (on the first, go downhill along p)
-            if it == 0:
-                downhill = torch.where((g[live[bad]] * pl[bad]).sum(1) <= 0, 1.0, -1.0).to(g.dtype)
-                d[live[bad]] = downhill[:, None] * pl[bad]
-            live, pl, hp, curv = live[~bad], pl[~bad], hp[~bad], curv[~bad]
-            if live.numel() == 0:
-                break
-        alpha = rz[live] / curv
-        d[live] += alpha[:, None] * pl
-        r[live] -= alpha[:, None] * hp
-        going = r[live].norm(dim=1) > target[live]
-        live = live[going]
-        if live.numel() == 0:
-            break
-        z_live = precond(r[live], live)
-        rz_new = (r[live] * z_live).sum(1)
-        p[live] = z_live + (rz_new / rz[live])[:, None] * p[live]
-        rz[live] = rz_new
-    return d
-
-
 def negative_curvature(eig_min: Tensor) -> Tensor:
     """[B] bool: the λ_min estimate is not positive (NaN, not checked, counts as no evidence)."""
     return ~(eig_min > 0) & ~eig_min.isnan()
@@ -349,26 +234,13 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     local minimum vanished and the model slides to another basin); it gets a fresh dense Hessian
     at its current point every ``REFRESH_ITERS`` steps, in groups of ``REFRESH_GROUP``, until
     converged or ``max_iter`` steps in all. Returns (fit, number of per-model Hessians built).
-    ``per_model`` False (or D above ``MAX_DENSE_PARAMS``): ``max_iter`` shared-M steps, then at most
-    ``NEWTON_STEPS`` truncated Newton steps for the models left (``truncated_newton``).
+    ``per_model`` False: the shared M serves every step (no per-model Hessians).
     """
     large = x0.shape[1] > MAX_DENSE_PARAMS or not per_model       # shared M for every step (no dense M_b)
     fit = preconditioned_lbfgs(objective, x0, data, shared, tol, max_iter if large else min(max_iter, SHARED_ITERS),
                                on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
     stalled = fit.stalled.clone()
-    if large and not bool(conv.all()):        # no dense M_b: Newton by CG on each model's own products
-        left = (~conv).nonzero()[:, 0]
-
-        def newton_iter(it: int, gn: Tensor) -> None:
-            merged = gnorm.clone()
-            merged[left] = gn
-            on_iter(used + it, merged)
-
-        sub = truncated_newton(objective, x[left], data[left], lambda v, rows: shared(v, None), tol,
-                               on_iter=newton_iter if on_iter is not None else None)
-        x[left], gnorm[left], conv[left], stalled[left] = sub.params, sub.grad_norm, sub.converged, sub.stalled
-        used += sub.iterations
     while not large and not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
         left = (~conv).nonzero()[:, 0]
@@ -632,4 +504,4 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
 
 
 __all__ = ["MAX_DENSE_PARAMS", "Preconditioner", "RetrainError", "RetrainResult", "Retrainer", "StageFit",
-           "preconditioned_lbfgs", "retrain", "solve_stage", "truncated_newton"]
+           "preconditioned_lbfgs", "retrain", "solve_stage"]
