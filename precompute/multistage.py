@@ -58,8 +58,12 @@ class MultiStageInfluence:
         (a dense eigendecomposition, or r Lanczos products), so every later call is two matmuls.
         The fitted curvature is held here (``solver``: its dense factorisation or EK-FAC factors) and
         in ``trained.hessians`` (the dense Hessians the training certificates built), for retraining
-        and the baselines to reuse. Collective under torchrun. Returns self."""
+        and the baselines to reuse. Collective under torchrun. Returns self; raises ``CertificateError``
+        when a stage is not a certified minimum and the solves are undamped."""
         if not self.fitted:
+            # exact influence needs minima: refuse before any factorisation (``stacked_test_vectors`` checks too)
+            self.trained.require_certified(tuple(self.config.scenarios),
+                                           min(self.config.pretrain_solver.damping, self.config.finetune_solver.damping))
             if self.data_parallel or get_rank() == 0:        # otherwise rank 0 solves for everyone
                 self.solver = pretrain_solver(self.task, self.trained.p, self.config.pretrain_solver, self.meter,
                                               data_parallel=self.data_parallel, hessians=self.trained.hessians)
