@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import PRESET_MODELS, QUICK_MODELS, cost_note, preset_threads, quick_config
+from .presets import PRESET_MODELS, QUICK_MODELS, cost_note, full_config, preset_threads, quick_config
 
 # (run name, preset, {flag dest: value}): the demo leads with Fashion-MNIST at quick size (the full
 # preset takes far longer than the demo's 10 minutes) where Debian's package or --data-dir has it, else
@@ -246,8 +246,7 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
     config = RunConfig(out=out, data=DataConfig(preset=preset), model=PRESET_MODELS.get(preset, ModelConfig()))
     if args.dtype == "float32":                    # float32 cannot reach the float64 tolerances
         config = replace(config, train=TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4))
-    if args.quick:
-        config = quick_config(config)
+    config = quick_config(config) if args.quick else full_config(config)
     for dest, value in vars(args).items():
         config_fields = {f.name for f in fields(RunConfig)}
         if value is None or dest in NOT_CONFIG or _paths(dest)[0].split(".")[0] not in config_fields:

@@ -36,6 +36,14 @@ Hessian costs P products (35 s on the quick CNN), a chord step a few objective e
 convergence at rate 1/2 beats rebuilding (at 4, the quick CNN's pretraining rebuilt at a 3.8-fold step)."""
 
 
+APPROXIMATE_FLOOR = 1e-4
+"""Relative eigenvalue floor of a subsample's factorisation: where its data term is indefinite, its smallest
+|eigenvalues| sit near 0 while the full Hessian's do not, and an unbounded M⁻¹ there would stall CG."""
+APPROXIMATE_CG_ITERS = 100
+"""CG products per Newton step when a subsample's Hessian preconditions the polish (its small eigenvalues
+differ from the full data's by the sampling noise, so CG needs more than the 30 of a chord step)."""
+
+
 @dataclass
 class TrainResult:
     params: Tensor          # flat optimum (p for pretraining, q = [θ; U] for finetuning)
@@ -66,7 +74,8 @@ class TrainResult:
 
 
 def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | None = None,
-             shared: Callable[[Tensor], SharedHessian] | None = None) -> TrainResult:
+             shared: Callable[[Tensor], SharedHessian] | None = None,
+             approximate: Objective | None = None) -> TrainResult:
     """Rounds of full-batch L-BFGS (to ‖∇‖ ≤ lbfgs_tol) and Newton polish (to ‖∇‖ ≤ grad_tol), then a
     certificate (``precompute.certificate``): ‖∇‖ and the smallest Hessian eigenvalue at the result.
 
@@ -76,6 +85,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
     dense Hessian and some cheap L-BFGS iterations, not a dense Hessian per Newton step.
     ``shared``: x -> where the certificate's dense Hessian at x is kept for later users at the same
     point (``curvature.HessianStore``: the influence solve, the retraining preconditioner).
+    ``approximate``: a cheaper objective with about the same Hessian (a subsample of the data) whose
+    dense Hessian preconditions the polish (``newton_polish``); the certificate still uses ``objective``.
     """
     x = x0.detach().clone()
     if not torch.isfinite(objective(x)):
@@ -107,8 +118,9 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
         if config.newton_polish:
             before = escaped[0]
+            extra = {"approximate": approximate} if dense and approximate is not None else {}
             x, _ = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
-                          on_escape=on_escape)
+                          on_escape=on_escape, **extra)
             if escaped[0] > before and escaped[0] <= config.max_escapes:
                 rounds -= 1                      # every escape lowers L, so this cannot cycle
                 continue                         # off a saddle: L-BFGS takes it from here
@@ -187,7 +199,8 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
 
 def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
                   chord_steps: int = 20, on_note: Callable[[str], object] | None = None,
-                  on_escape: Callable[[], object] | None = None) -> tuple[Tensor, bool]:
+                  on_escape: Callable[[], object] | None = None,
+                  approximate: Objective | None = None) -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
     Near a minimum this is plain Newton and converges quadratically. Where a fresh Hessian has a
@@ -200,13 +213,17 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     factorisations. Returns (x, reached a minimum: ‖∇‖ ≤ grad_tol with a positive definite Hessian,
     factorised during this polish within the last ``chord_steps`` steps). ``on_note`` receives a
     progress line while each Hessian is built (P products: minutes on a CNN).
+    ``approximate`` given (an objective over a subsample of the data): the factorisation is its Hessian,
+    which costs a fraction of the full one, and every step is Newton by CG on exact products of
+    ``objective`` preconditioned by it (``APPROXIMATE_CG_ITERS``); its negative eigenvalues prove nothing
+    about ``objective``, so saddles are left to the caller's certificate.
     """
     value = float(objective(x))
     dim = x.numel()
     saddles = 0               # reported: stepping off a saddle makes ‖∇‖ rise for a while, on purpose
     for step in range(steps):
         g = _gradient(objective, x)
-        hvp, done = batched_hvp(objective, x, rhs_block=256), [0]
+        hvp, done = batched_hvp(objective if approximate is None else approximate, x, rhs_block=256), [0]
 
         def counted(v: Tensor, step=step, gnorm=float(g.norm()), saddles=saddles) -> Tensor:
             if on_note is not None:
@@ -219,8 +236,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         hessian = dense_hessian(counted, dim, x.dtype, x.device)
         evals, evecs = torch.linalg.eigh(hessian)
         del hessian
-        floor = 1e-10 * float(evals.abs().max())
-        if evals[0] < -floor:                 # negative curvature: go along it, whatever ‖∇‖ is
+        floor = (1e-10 if approximate is None else APPROXIMATE_FLOOR) * float(evals.abs().max())
+        if approximate is None and evals[0] < -floor:   # negative curvature: go along it, whatever ‖∇‖ is
             moved = escape_saddle(objective, x, evecs[:, 0])
             if moved is not None:
                 x, value, saddles = moved, float(objective(moved)), saddles + 1
@@ -231,16 +248,18 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
         for chord in range(chord_steps):
             gnorm = float(g.norm())
             at_stationary_point = gnorm <= grad_tol
-            if at_stationary_point and evals[0] > 0:
-                return x.detach(), True
+            if at_stationary_point and (evals[0] > 0 or approximate is not None):
+                return x.detach(), bool(evals[0] > 0) and approximate is None   # a subsample's λ_min proves nothing
             if at_stationary_point and chord:
                 break                         # judge the point on a Hessian of its own
             precondition = lambda r: evecs @ ((evecs.T @ r) / evals.abs().clamp_min(floor))
             direction = precondition(g)
-            if chord and evals[0] > 0:
-                # Newton at x by CG on exact products, preconditioned by the old factorisation (close to
-                # H(x), so a few products): Newton's quadratic rate without rebuilding the dense Hessian
-                newton = _preconditioned_cg(batched_hvp(objective, x), g, precondition)
+            if approximate is not None or (chord and evals[0] > 0):   # |eigenvalues|: M is SPD either way
+                # Newton at x by CG on exact products, preconditioned by the old (or the subsample's)
+                # factorisation, close to H(x): Newton's quadratic rate without rebuilding the dense Hessian
+                newton = _preconditioned_cg(batched_hvp(objective, x), g, precondition, 30) if approximate is None \
+                    else _preconditioned_cg(batched_hvp(objective, x), g, precondition, APPROXIMATE_CG_ITERS,
+                                            rtol=min(0.1, gnorm ** 0.5), best_effort=True)
                 direction = direction if newton is None else newton
             slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(value), 1.0)
 
@@ -304,9 +323,11 @@ def _halving_step(objective: Objective, x: Tensor, direction: Tensor, accept) ->
     return None
 
 
-def _preconditioned_cg(hvp, g: Tensor, precondition, max_iter: int = 30, rtol: float = 1e-6) -> Tensor | None:
+def _preconditioned_cg(hvp, g: Tensor, precondition, max_iter: int = 30, rtol: float = 1e-6,
+                       best_effort: bool = False) -> Tensor | None:
     """H⁻¹g by CG from M⁻¹g with preconditioner ``precondition`` (M⁻¹, symmetric positive definite);
-    None when it meets non-positive curvature or misses ``rtol`` within ``max_iter`` products."""
+    None when it meets non-positive curvature or misses ``rtol`` within ``max_iter`` products
+    (``best_effort``: then the last iterate, still a descent direction while all curvature was positive)."""
     d = precondition(g)
     r = g - hvp(d[:, None])[:, 0]
     z = precondition(r)
@@ -324,7 +345,7 @@ def _preconditioned_cg(hvp, g: Tensor, precondition, max_iter: int = 30, rtol: f
         z = precondition(r)
         rz_new = float(r @ z)
         p, rz = z + (rz_new / rz) * p, rz_new
-    return d if float(r.norm()) <= target else None
+    return d if best_effort or float(r.norm()) <= target else None
 
 
 def _steihaug(hvp, g: Tensor, max_iter: int, rtol: float) -> tuple[Tensor, bool]:
@@ -384,7 +405,31 @@ def pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor | None = N
     """
     start = perturbed(task.initial_pretrain_params(), config, 0) if p0 is None else p0
     shared = (lambda x: hessians.slot(hessian_key("pretrain", task, x))) if hessians and weights is None else None
-    return minimize(pretraining_objective(task, weights, config.stream_chunk), start, config, desc, shared)
+    objective = pretraining_objective(task, weights, config.stream_chunk)
+    return minimize(objective, start, config, desc, shared,
+                    approximate=subsample_objective(task, weights, config.newton_subsample, objective))
+
+
+SUBSAMPLE_SEED = 0
+
+
+def subsample_objective(task: TwoStageTask, weights: Tensor | None, size: int,
+                        objective: Objective) -> Objective | None:
+    """p -> (1/size) Σ_{i∈S} w_i ℓ_P(z_i; p) + (λ_P/2)‖p‖² over a fixed random subset S of ``size``
+    pretraining examples: about L_P's Hessian at 1/(m/size) of its cost (``TrainConfig.newton_subsample``).
+    None when ``size`` is 0, not below m, or the set is streamed (its rows are not all in memory)."""
+    if not size or size >= task.m or isinstance(objective, StreamedPretrainObjective):
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
+    rows = torch.randperm(task.m, generator=gen)[:size].sort().values.to(task.pretrain_x.device)
+    x, y = task.pretrain_x[rows], task.pretrain_y[rows]
+    w = None if weights is None else weights[rows]
+
+    def approximate(p: Tensor) -> Tensor:
+        losses = task.pretrain_losses(p, x, y)
+        return (losses if w is None else w * losses).sum() / size + 0.5 * task.pretrain_l2 * (p * p).sum()
+
+    return approximate
 
 
 def finetune_fixed(task: TwoStageTask, p: Tensor, config: TrainConfig, u0: Tensor | None = None,
