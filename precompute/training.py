@@ -39,6 +39,8 @@ convergence at rate 1/2 beats rebuilding (at 4, the quick CNN's pretraining rebu
 APPROXIMATE_FLOOR = 1e-4
 """Relative eigenvalue floor of a subsample's factorisation: where its data term is indefinite, its smallest
 |eigenvalues| sit near 0 while the full Hessian's do not, and an unbounded M⁻¹ there would stall CG."""
+APPROXIMATE_CHORD_STEPS = 60
+"""Newton steps per subsample factorisation (each step: CG on exact products, a few objective values)."""
 APPROXIMATE_CG_ITERS = 100
 """CG products per Newton step when a subsample's Hessian preconditions the polish (its small eigenvalues
 differ from the full data's by the sampling noise, so CG needs more than the 30 of a chord step)."""
@@ -245,7 +247,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
                     on_escape()
                     return x.detach(), False
                 continue
-        for chord in range(chord_steps):
+        for chord in range(chord_steps if approximate is None else APPROXIMATE_CHORD_STEPS):
             gnorm = float(g.norm())
             at_stationary_point = gnorm <= grad_tol
             if at_stationary_point and (evals[0] > 0 or approximate is not None):
@@ -275,8 +277,13 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
                 return x.detach(), False
             x, value = moved
             g = _gradient(objective, x)
-            if float(g.norm()) > gnorm / CHORD_RATE:
+            if approximate is not None and on_note is not None:
+                on_note(f"Newton polish {step + 1}, step {chord + 1} (CG preconditioned by a subsample's "
+                        f"Hessian): ‖∇‖ {float(g.norm()):.1e}")
+            if approximate is None and float(g.norm()) > gnorm / CHORD_RATE:
                 break                 # the old Hessian no longer gives fast progress: rebuild it
+            # (a subsample's factorisation is no better rebuilt nearby: its error is the sampling noise,
+            # and CG on exact products does the Newton work; it is rebuilt only when a step fails)
     return x.detach(), False
 
 

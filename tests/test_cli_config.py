@@ -121,3 +121,20 @@ def test_threads_default_per_preset_and_explicit_flag_wins(monkeypatch):
     assert preset_threads("fashion") == 1
     assert build_parser().parse_args([]).threads is None
     assert build_parser().parse_args(["--threads", "3"]).threads == 3
+
+
+def test_full_fashion_is_the_dense_cnn_at_5000_with_a_subsample_polish_and_flags_win():
+    from precompute.models import fashion_cnn_params
+    from precompute.presets import FULL_CAPS, full_config
+
+    config = config_from_args(build_parser().parse_args([]), "fashion", "runs/x")
+    assert fashion_cnn_params(config.model.hidden, config.model.channels) == 1989     # within the exact solver
+    assert FULL_CAPS["fashion"][0] * 5 == 5000 and config.train.newton_subsample == 1000
+    assert not config.validation.per_model_hessians and config.validation.group_percents == (1.0, 5.0)
+    assert config == full_config(config)                       # one transform, applied once
+    flags = ["--val-points", "8", "--k", "8", "--group-percents", "1,2,5"]
+    mine = config_from_args(build_parser().parse_args(flags), "fashion", "runs/x")
+    assert (mine.validation.n_test_points, mine.validation.k, mine.validation.group_percents) == (8, 8, (1.0, 2.0, 5.0))
+    # quick and the other presets are untouched by it
+    assert config_from_args(build_parser().parse_args(["--quick"]), "fashion", "r").train.newton_subsample == 0
+    assert full_config(RunConfig(out="r")) == RunConfig(out="r")
