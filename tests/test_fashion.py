@@ -73,7 +73,7 @@ def test_oversized_cnn_is_refused_before_any_data_is_read(tmp_path, capsys):
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
-    assert "25,539,197 parameters" in err and "--channels" in err and "--max-params" in err
+    assert "25,155,053 parameters" in err and "--channels" in err and "--max-params" in err
 
 
 def test_cnn_size_and_distinct_units():
@@ -190,7 +190,7 @@ def test_garments_are_upscaled_large_enough():
 
 
 def test_full_preset_on_a_cpu_says_what_it_costs_first():
-    """The full preset takes hours on a CPU: the run says so in one line before it starts, and names
+    """The full preset takes most of an hour on a CPU: the run says so in one line before it starts, and names
     --quick and --device cuda; quick runs, GPU runs and other presets get no note."""
     from precompute.config import DataConfig, RunConfig
     from precompute.presets import cost_note, quick_config
