@@ -150,15 +150,17 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     """One line to print before a run that is far costlier on ``device_type`` than the presets' usual
     minutes (the full fashion preset on a CPU), saying what to run instead; None otherwise."""
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
-        return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64, one "
-                "dense Hessian of 1,989 products over all 5,000) takes about 45 minutes on 2 CPU cores; "
-                "--quick takes about 6, and --device cuda runs the full size faster")
+        return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) runs "
+                "well over half an hour on 2 CPU cores (its dense Hessian alone is about 14 minutes, and its "
+                "pretraining has not yet been seen to certify: docs/evidence.md); --quick takes about 6 minutes, "
+                "and --device cuda runs the full size faster")
     return None
 
 
 FULL_FASHION_SUBSAMPLE = 1000
 """Pretraining garments whose Hessian preconditions the full fashion run's Newton polish (its dense build
-costs 1/5 of the full one: 2.8 minutes instead of 14 on 2 cores, measured; ``TrainConfig.newton_subsample``)."""
+costs about 1/5 of the full one: 110 s measured instead of about 14 minutes on 2 cores;
+``TrainConfig.newton_subsample``)."""
 
 
 def full_config(config: RunConfig) -> RunConfig:
