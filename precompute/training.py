@@ -283,7 +283,7 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
             if approximate is None and float(g.norm()) > gnorm / CHORD_RATE:
                 break                 # the old Hessian no longer gives fast progress: rebuild it
             # (a subsample's factorisation is no better rebuilt nearby: its error is the sampling noise,
-            # and CG on exact products does the Newton work; it is rebuilt only when a step fails)
+            # and CG on exact products does the Newton work; rebuilt when a step fails or the steps run out)
     return x.detach(), False
 
 
