@@ -151,8 +151,8 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     minutes (the full fashion preset on a CPU), saying what to run instead; None otherwise."""
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) runs "
-                "well over half an hour on 2 CPU cores (its dense Hessian alone is about 14 minutes, and its "
-                "pretraining has not yet been seen to certify: docs/evidence.md); --quick takes about 6 minutes, "
+                "well over half an hour on 2 CPU cores (pretraining about 18 minutes, then a dense Hessian of about "
+                "14: docs/evidence.md); --quick takes about 6 minutes, "
                 "and --device cuda runs the full size faster")
     return None
 
