@@ -117,7 +117,7 @@ class TrainConfig:
     newton_subsample: pretraining examples (a fixed random subset) whose dense Hessian preconditions the
                 Newton polish of pretraining when m is larger: each Newton step is then CG on exact
                 full-data Hessian products, and the full dense Hessian (P products over all m examples,
-                14 minutes for the 1,989-parameter CNN at m = 5,000 on 2 cores) is built once, by the
+                13 minutes for the 1,989-parameter CNN at m = 5,000 on 2 cores, one run) is built once, by the
                 certificate at the minimum, instead of once per polish. 0: the full data (exact polish).
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the

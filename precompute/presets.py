@@ -152,7 +152,7 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) runs "
                 "well over half an hour on 2 CPU cores (pretraining about 18 minutes, then a dense Hessian of about "
-                "14: docs/evidence.md); --quick takes about 6 minutes, "
+                "13, one run: docs/evidence.md); --quick takes about 6 minutes, "
                 "and --device cuda runs the full size faster")
     return None
 
@@ -166,7 +166,7 @@ costs about 1/5 of the full one: 110 s measured instead of about 14 minutes on 2
 def full_config(config: RunConfig) -> RunConfig:
     """The full-size run of a preset where it differs from the dataclasses' defaults: fashion (m = 5,000)
     polishes with a subsample's Hessian (``FULL_FASHION_SUBSAMPLE``) and retrains with the one shared dense
-    Hessian (a per-model one costs 14 minutes) on 4 validation points, 4 removals per kind, groups of 1%
+    Hessian (a per-model one costs about 13 minutes) on 4 validation points, 4 removals per kind, groups of 1%
     and 5%. L-BFGS keeps its 1e-5 hand-over: at 1e-3 (500-960 iterations) the CNN is still far from a
     minimum (the subsample's Hessian had λ_min −0.14 against λ_max 55 there; docs/evidence.md)."""
     if config.data.preset != "fashion" or config.quick:
