@@ -39,6 +39,32 @@ def accuracy_sentence(manifest: Mapping) -> str:
     return "Finetune test accuracy: " + "; ".join(parts) + "." if parts else "No accuracy recorded."
 
 
+def evidence(manifest: Mapping, scenario: str) -> dict:
+    """Which evidence backs one scenario's scores, in words: {"kind", "label", "sentence"}.
+
+    kind: "retraining" (scores checked against actual removal and retraining), "agreement" (no
+    retraining; the run's solver checked against a reference solver, ``solver_agreement``) or "none".
+    """
+    if headline(manifest, scenario) is not None:
+        v = manifest["validation"][scenario]
+        return {"kind": "retraining", "label": "Evidence: checked by retraining",
+                "sentence": f"Scores checked against {int(v.get('n_pairs', 0)):,} actual removals and retrainings."}
+    a = (manifest.get("solver_agreement") or {}).get(scenario)
+    if isinstance(a, Mapping) and isinstance(a.get("pearson"), (int, float)) and math.isfinite(a["pearson"]):
+        n, k = int(a.get("n_test_points", 0)), int(a.get("top_k", 100))
+        return {"kind": "agreement", "label": "Evidence: solver agreement only (no retraining)",
+                "sentence": (f"Nothing was retrained for this run (too large). Its {a.get('solver')} scores were "
+                             f"re-computed with {a.get('reference')} on {n} test point{'s' if n != 1 else ''}: "
+                             f"Pearson {float(a['pearson']):.2f}, Spearman {float(a.get('spearman', math.nan)):.2f}; "
+                             f"of the {k} most helpful examples {float(a.get('top_helpful_overlap', math.nan)):.0%} "
+                             f"are the same, of the {k} most harmful {float(a.get('top_harmful_overlap', math.nan)):.0%}. "
+                             "This shows the fast solver is faithful to the (damped) influence, not that the "
+                             "scores predict retraining.")}
+    return {"kind": "none", "label": "Evidence: none (made with --no-validate)",
+            "sentence": "This run was made without validation by retraining or a second solver, so nothing "
+                        "checks its scores. Runs made with the default settings are checked by retraining."}
+
+
 def headline(manifest: Mapping, scenario: str) -> dict | None:
     """The validation answer for one scenario: {pearson, spearman, slope, n_pairs, verdict, sentence}.
 

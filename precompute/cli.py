@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import PRESET_MODELS, QUICK_MODELS, cost_note, full_config, preset_threads, quick_config
+from .presets import (PRESET_DTYPES, PRESET_MODELS, PRESETS, QUICK_MODELS, cost_note, full_config, preset_threads,
+                      quick_config)
 
 # (run name, preset, {flag dest: value}): the demo leads with Fashion-MNIST at quick size (the full
 # preset takes far longer than the demo's 10 minutes) where Debian's package or --data-dir has it, else
@@ -163,11 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretraining example is removed (> 0 helpful, < 0 harmful). "
                     "Also: 'python -m precompute check' verifies the math against finite differences.")
     g = p.add_argument_group("what to run")
-    g.add_argument("--preset", choices=("digits", "news", "fashion", "custom", "demo"), default="demo",
+    g.add_argument("--preset", choices=PRESETS + ("demo",), default="demo",
                    help="digits: real 8x8 digits, pretrain 0-4 / finetune 5-9; news: BBC News, pretrain on "
                         "business/politics/tech, finetune entertainment vs sports; fashion: Fashion-MNIST, "
                         "a CNN pretrained on T-shirt/coat/shirt/sandal/boot, finetuned on trouser/pullover/"
-                        "dress/sneaker/bag (slow on a CPU: see docs/performance.md); custom: your files (--pretrain-data); "
+                        "dress/sneaker/bag (slow on a CPU: see docs/performance.md); fashion-all: every one of "
+                        "the 30,000 pretraining garments, a 54,693-parameter CNN in float32, minibatch pretraining, "
+                        "ekfac scores checked against pcg (no retraining); custom: your files (--pretrain-data); "
                         "demo: digits and news into the runs root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-ids", type=_csv(int), **option("test_ids"))
     g.add_argument("--chunk-size", **option("influence.chunk_size"))
     g.add_argument("--score-precision", choices=SCORE_PRECISIONS, **option("influence.score_precision"))
+    g.add_argument("--agreement-solver", choices=("",) + SOLVERS[1:], **option("influence.agreement_solver"))
+    g.add_argument("--agreement-points", **option("influence.agreement_points"))
 
     g = p.add_argument_group("scale (see docs/cli.md: torchrun -m precompute ... shards the scoring pass)")
     g.add_argument("--scores-to-disk", **option("scores_to_disk"))
@@ -217,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", **option("train.max_iter"))
     g.add_argument("--newton-steps", **option("train.newton_polish"))
     g.add_argument("--init-jitter", **option("train.init_jitter"))
+    g.add_argument("--minibatch-epochs", **option("train.minibatch_epochs"))
+    g.add_argument("--minibatch-lr", **option("train.minibatch_lr"))
 
     g = p.add_argument_group("validation by retraining")
     g.add_argument("--no-validate", **option("validate", "skip retraining validation and baselines"))
@@ -243,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConfig:
     """The dataclasses' defaults, the preset's model, float32 training tolerances and quick mode,
     then every flag given (a dest is a dotted field path or a ``FANOUT`` name)."""
-    config = RunConfig(out=out, data=DataConfig(preset=preset), model=PRESET_MODELS.get(preset, ModelConfig()))
-    if args.dtype == "float32":                    # float32 cannot reach the float64 tolerances
+    dtype = args.dtype or PRESET_DTYPES.get(preset, RunConfig.dtype)
+    config = RunConfig(out=out, data=DataConfig(preset=preset), model=PRESET_MODELS.get(preset, ModelConfig()),
+                       dtype=dtype)
+    if dtype == "float32":                         # float32 cannot reach the float64 tolerances
         config = replace(config, train=TrainConfig(lbfgs_tol=1e-4, grad_tol=1e-4))
     config = quick_config(config) if args.quick else full_config(config)
     for dest, value in vars(args).items():
@@ -311,6 +320,10 @@ def check_args(args: argparse.Namespace) -> None:
         need(value is None or (finite(value) and value >= 0), flag, value, "must be a finite number >= 0", "1e-2")
     for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps)):
         need(value is None or value >= 0, flag, value, "must be 0 or more", "10")
+    need(args.minibatch_epochs >= 0, "--minibatch-epochs", args.minibatch_epochs, "must be 0 or more", "10")
+    need(finite(args.minibatch_lr) and args.minibatch_lr > 0, "--minibatch-lr", args.minibatch_lr,
+         "must be a finite number > 0", "3e-3")
+    need(args.agreement_points >= 1, "--agreement-points", args.agreement_points, "must be at least 1", "4")
     need(finite(args.init_jitter) and 0 <= args.init_jitter < 1, "--init-jitter", args.init_jitter,
          "must be a relative size from 0 to below 1", "1e-12")
     need(args.group_percents is None or (bool(args.group_percents) and all(

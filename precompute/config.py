@@ -119,6 +119,11 @@ class TrainConfig:
                 full-data Hessian products, and the full dense Hessian (P products over all m examples,
                 13 minutes for the 1,989-parameter CNN at m = 5,000 on 2 cores, one run) is built once, by the
                 certificate at the minimum, instead of once per polish. 0: the full data (exact polish).
+    minibatch_epochs: pretraining by this many epochs of minibatch Adam instead of full-batch L-BFGS and
+                Newton (``training.minibatch_pretrain``): for pretraining sets too large for a certified
+                minimum on a CPU. The stage ends at a damped stationary point (its full-batch ‖∇‖ is
+                reported, no certificate), which only damped solves (--damping > 0) may score. 0 = off.
+    minibatch_size: examples per Adam step.   minibatch_lr: Adam's initial learning rate (cosine-decayed to 0).
     stream_chunk: pretraining examples per chunk when pretraining evaluates its objective chunk by
                 chunk (``precompute.streaming``: memory O(chunk), not O(m)). 0: stream only when the
                 task's pretraining inputs are ``LazyRows`` (memory-mapped), in chunks of 4,096;
@@ -137,6 +142,10 @@ class TrainConfig:
     rounds: int = 6
     max_escapes: int = 30
     newton_subsample: int = 0
+    minibatch_epochs: int = knob(0, "pretrain by this many epochs of minibatch Adam (a damped stationary point, "
+                                    "not a certified minimum; needs --damping > 0); 0 = full-batch L-BFGS + Newton")
+    minibatch_size: int = 128
+    minibatch_lr: float = knob(3e-3, "Adam's initial learning rate for --minibatch-epochs (cosine-decayed to 0)")
     stream_chunk: int = 0
     init_jitter: float = knob(0.0, "relative perturbation of the initial weights (e.g. 1e-12) to emulate another "
                                    "CPU's rounding in seed sweeps; 0 = none")
@@ -147,6 +156,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.newton_subsample < 0:
             raise ConfigError(f"newton_subsample must be >= 0, got {self.newton_subsample}")
+        if self.minibatch_epochs < 0 or self.minibatch_size < 1 or not self.minibatch_lr > 0:
+            raise ConfigError(f"minibatch training needs epochs >= 0, size >= 1 and lr > 0, got "
+                              f"{self.minibatch_epochs}, {self.minibatch_size}, {self.minibatch_lr}")
         if self.stream_chunk < 0:
             raise ConfigError(f"stream_chunk must be >= 0, got {self.stream_chunk}")
         if self.max_iter < 0:
@@ -178,6 +190,11 @@ class InfluenceConfig:
                 of the scoring pass run under torch.autocast (float32 models; mostly a GPU speed-up).
                 The run then re-scores a sample at full precision and reports the Pearson
                 correlation in its diagnostics.
+    agreement_solver: a reference pretraining solver ("pcg", or any other) that re-scores the first
+                ``agreement_points`` test points; the run records per scenario how well the two agree
+                (``precompute.agreement``: Pearson, Spearman, top-100 overlap). The evidence of runs too
+                large for retraining. "" = none.
+    agreement_points: test points re-scored by ``agreement_solver``.
     """
 
     scenarios: tuple[str, ...] = knob(SCENARIOS, "finetuning scenarios to score, comma-separated")
@@ -189,8 +206,16 @@ class InfluenceConfig:
                                         "per-example gradients of the scoring pass (needs --dtype float32; a GPU "
                                         "speed-up); the run reports the Pearson correlation with full precision "
                                         "on a sample")
+    agreement_solver: str = knob("", "re-score the first --agreement-points test points with this pretraining "
+                                     "solver (e.g. pcg) and record how well it agrees with --solver; '' = none")
+    agreement_points: int = knob(4, "test points re-scored by --agreement-solver")
 
     def __post_init__(self) -> None:
+        if self.agreement_solver and self.agreement_solver not in SOLVERS[1:]:
+            raise ConfigError(f"unknown agreement solver {self.agreement_solver!r}; choose one of "
+                              f"{', '.join(SOLVERS[1:])}, or '' for none")
+        if self.agreement_points < 1:
+            raise ConfigError(f"agreement_points must be >= 1, got {self.agreement_points}")
         for s in self.scenarios:
             if s not in SCENARIOS:
                 raise ConfigError(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")

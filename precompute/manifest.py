@@ -44,6 +44,7 @@ class Manifest:
     n_pretrain_params: int = 0                    # P = |θ| + |W|
     n_finetune_params: int = 0                    # Q = |θ| + |U|
     embedding_units: dict[str, Any] = field(default_factory=dict)    # how the explorer names embedding units
+    solver_agreement: dict[str, dict] | None = None   # per scenario: the run's solver vs a reference (pcg)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

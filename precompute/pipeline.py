@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from . import progress as progress_report
+from .agreement import solver_agreement
 from .config import RunConfig
 from .distributed import agreed, broadcast_object, get_rank, get_world_size, rank_zero_compute
 from .errors import ConfigError
@@ -148,6 +149,12 @@ class RunSummary:
             fit = (f"; vs retraining: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}, "
                    f"slope {v['slope']:.2f} over {v['n_pairs']} removals") if v else ""
             out.append(f"  {s:8} finetune test accuracy {acc:.3f}{fit}")
+            agree = (m.get("solver_agreement") or {}).get(s)
+            if agree:
+                out.append(f"  {s:8} {agree['solver']} vs {agree['reference']} on {agree['n_test_points']} test points: "
+                           f"Pearson {agree['pearson']:.3f}, Spearman {agree['spearman']:.3f}, top-{agree['top_k']} "
+                           f"overlap {agree['top_helpful_overlap']:.2f} helpful / {agree['top_harmful_overlap']:.2f} harmful "
+                           f"({agree['seconds']:.0f} s)")
             check = m["diagnostics"][s].get("score_precision")
             if check:
                 out.append(f"  {s:8} {m['config']['influence']['score_precision']} scores vs full precision: "
@@ -160,7 +167,11 @@ class RunSummary:
         if certificates:
             out.append("  certified minima: " + "; ".join(certificates))
         for stage, result in stages.items():
-            if not result.get("certified", result["converged"]):
+            if result.get("method") == "minibatch":
+                out.append(f"  note: {stage} ran {result['iterations']} minibatch steps to a damped stationary point "
+                           f"(‖∇‖ = {result['grad_norm']:.1e}, not certified); the scores use damping "
+                           f"{m['config']['influence']['pretrain_solver']['damping']:g}")
+            elif not result.get("certified", result["converged"]):
                 eig = result.get("eig_min")
                 out.append(f"  warning: {stage} stopped before a certified minimum (‖∇‖ = {result['grad_norm']:.1e}, "
                            f"λ_min = {'n/a' if eig is None else f'{eig:.1e}'}); the damped scores answer the "
@@ -201,6 +212,12 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                     task, trained, with_factor_cache(config.influence, writer.path / "factors" if writer else None),
                     progress=progress).fit()
                 scores = influence.scores(test_ids, out_dir=writer.path if config.scores_to_disk and main else None)
+            agreement = {}
+            if config.influence.agreement_solver:
+                with timer.step(f"solver agreement ({config.influence.agreement_solver})"):
+                    agreement = solver_agreement(task, trained, scores, test_ids,
+                                                 with_factor_cache(config.influence, writer.path / "factors"
+                                                                   if writer else None), progress)
             manifest = None
             with agreed("validating and writing the run"):
                 if main:
@@ -209,7 +226,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                     evidence = cleaning_evidence(evidence, data, task, trained, config, timer, progress)
                     with timer.step("write files"):
                         manifest = write_run(writer, data, task, trained, scores, influence.diagnostics, preds,
-                                             test_ids, evidence, config, timer, device, world)
+                                             test_ids, replace(evidence, agreement=agreement or None), config,
+                                             timer, device, world)
         finally:
             trained.hessians.clear()         # shared by certificates, solves, retraining and baselines: done
         path = commit_after_barrier(writer, manifest)
@@ -274,6 +292,7 @@ def write_run(writer: RunWriter, data: TaskData, task: TwoStageTask, trained: Tr
             "rate": config.data.label_noise, "seed": config.data.seed, "n_flipped": int(data.flipped.sum())},
         mislabel_detection=evidence.mislabel_detection, cleaning=evidence.cleaning,
         image_shape=list(data.pretrain.images.shape[1:]) if data.modality == "image" else None,
+        solver_agreement=evidence.agreement,
         embedding_units=embedding_units(task, trained))
 
 
@@ -315,6 +334,7 @@ class Evidence:
     lds: dict | None = None
     mislabel_detection: dict | None = None
     cleaning: dict | None = None
+    agreement: dict | None = None          # per scenario: the run's solver vs a reference (precompute.agreement)
 
 
 def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.ndarray],

@@ -306,6 +306,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     # optional keys
     "device": _str, "dtype": _str, "world_size": _int, "n_pretrain_params": _int, "n_finetune_params": _int,
     "lds": _optional(_dict_of(_any_json)), "cleaning": _optional(_dict_of(_any_json)),
+    "solver_agreement": _optional(_dict_of(_dict_of(_any_json))),
 }
 
 

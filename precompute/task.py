@@ -231,6 +231,19 @@ class TwoStageTask:
             value = value + 0.5 * alpha * (d * d).sum()
         return value
 
+    def fixed_objective(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """u -> L_F([θ; u]) for a constant θ (the "fixed" scenario), with θ's features of the finetune set
+        computed once: each value, gradient or Hessian product then costs a pass of the head alone."""
+        with torch.no_grad():
+            features = self.features(theta.detach(), self.finetune_x)
+
+        def objective(u: Tensor) -> Tensor:
+            logits = functional_call(self.finetune_head, self.u_layout.unflatten(u), (features,))
+            losses = _checked_losses(self.finetune_loss(logits, self.finetune_y), len(features), "finetune_loss")
+            return losses.mean() + 0.5 * self.finetune_l2 * (u * u).sum()
+
+        return objective
+
     def test_loss(self, q: Tensor, test_ids: Tensor) -> Tensor:
         """f(x_t) = ℓ_F(x_t; q) for the given test rows, [T]."""
         return self.finetune_losses(q, self.test_x[test_ids], self.test_y[test_ids])

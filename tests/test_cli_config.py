@@ -12,7 +12,7 @@ import argparse
 import pytest
 
 from precompute.cli import DEMO_FALLBACK, DEMO_LEAD, _default_text, demo_runs, _get, _paths, build_parser, config_from_args
-from precompute.config import DEFAULT_L2, DataConfig, ModelConfig, RunConfig, SolverConfig
+from precompute.config import DEFAULT_L2, DataConfig, ModelConfig, RunConfig, SolverConfig, TrainConfig
 from precompute.presets import PRESET_MODELS, quick_config
 from precompute.task import TwoStageTask
 
@@ -138,3 +138,26 @@ def test_full_fashion_is_the_dense_cnn_at_5000_with_a_subsample_polish_and_flags
     # quick and the other presets are untouched by it
     assert config_from_args(build_parser().parse_args(["--quick"]), "fashion", "r").train.newton_subsample == 0
     assert full_config(RunConfig(out="r")) == RunConfig(out="r")
+
+
+def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_checked_by_pcg():
+    from precompute.models import fashion_cnn_params
+    from precompute.presets import FULL_CAPS, QUICK_CAPS
+
+    config = config_from_args(build_parser().parse_args(["--preset", "fashion-all"]), "fashion-all", "runs/x")
+    assert fashion_cnn_params(config.model.hidden, config.model.channels) >= 50_000
+    assert FULL_CAPS["fashion-all"][0] == 0 and QUICK_CAPS["fashion-all"][0] * 5 == 2000   # 0: every garment
+    assert config.dtype == "float32" and config.train.grad_tol == 1e-4 and config.train.minibatch_epochs > 0
+    solver = config.influence.pretrain_solver
+    assert (solver.name, solver.curvature) == ("ekfac", "ggn") and solver.damping > 0
+    assert config.influence.finetune_solver.damping == solver.damping
+    assert config.influence.agreement_solver == "pcg" and config.influence.agreement_points >= 1
+    assert not config.validate and config.n_test_points >= 16
+    quick = config_from_args(build_parser().parse_args(["--preset", "fashion-all", "--quick"]), "fashion-all", "r")
+    assert quick.quick and quick.influence.agreement_solver == "pcg" and quick.train.minibatch_epochs > 0
+    flags = ["--preset", "fashion-all", "--dtype", "float64", "--minibatch-epochs", "3", "--agreement-points", "2",
+             "--damping", "0.01", "--agreement-solver", ""]
+    mine = config_from_args(build_parser().parse_args(flags), "fashion-all", "r")
+    assert mine.dtype == "float64" and mine.train.minibatch_epochs == 3 and mine.influence.agreement_points == 2
+    assert mine.influence.pretrain_solver.damping == 0.01 and mine.influence.agreement_solver == ""
+    assert mine.train.grad_tol == TrainConfig().grad_tol          # float64 keeps the float64 tolerances

@@ -223,3 +223,28 @@ def test_hollow_reasons_count_why_retrainings_do_not_count():
     assert story.hollow_reasons(pairs) == "2 lost the minimum, 1 iteration cap"
     assert story.hollow_reasons(pairs.drop(columns="reason")) == ""           # runs written before the reasons
     assert story.hollow_reasons(pairs[pairs.converged]) == ""
+
+
+def test_a_run_checked_by_solver_agreement_says_which_evidence_it_has(monkeypatch, tmp_path):
+    """A run too large to retrain (fashion-all) records ekfac vs pcg agreement: the Overview says plainly
+    that this is its only evidence, with the figures, and draws no retraining scatter."""
+    path = write_synthetic_run(tmp_path, "fashion-all", m=150, n_test=20, T=4, with_validation=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    agreement = {"pearson": 0.812, "spearman": 0.64, "top_k": 100, "top_helpful_overlap": 0.57,
+                 "top_harmful_overlap": 0.61, "n_test_points": 4, "solver": "ekfac", "reference": "pcg",
+                 "test_points": manifest["test_points"][:4], "seconds": 12.0}
+    manifest["solver_agreement"] = {s: agreement for s in manifest["scenarios"]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    proof = story.evidence(manifest, "fixed")
+    assert proof["kind"] == "agreement" and "no retraining" in proof["label"]
+    assert "Pearson 0.81" in proof["sentence"] and "57%" in proof["sentence"] and "61%" in proof["sentence"]
+    at = app(monkeypatch, tmp_path)
+    shown = [i.value for i in at.info]
+    assert any("solver agreement only" in v and "ekfac" in v and "pcg" in v and "Pearson 0.81" in v for v in shown)
+    assert "overview_scatter" not in figs(at)
+    at.switch_page("pages_/validation.py").run()
+    assert any("solver agreement only" in i.value for i in at.info)
+    # the other kinds, from the same helper
+    assert story.evidence({}, "fixed")["kind"] == "none"
+    validated = {"validation": {"fixed": {"pearson": 0.9, "spearman": 0.8, "slope": 1.0, "n_pairs": 24}}}
+    assert story.evidence(validated, "fixed")["kind"] == "retraining"

@@ -170,3 +170,53 @@ def test_a_subsample_hessian_preconditions_the_polish_to_the_exact_minimum():
     assert approx is not None and subsample_objective(task, None, task.m, task.pretrain_objective) is None
     full_value, sub_value = float(task.pretrain_objective(exact.params)), float(approx(exact.params))
     assert abs(full_value - sub_value) > 1e-6
+
+
+def _digits_task(max_pretrain: int = 60):
+    from precompute.config import DataConfig, ModelConfig
+    from precompute.presets import build_task, load_task_data
+
+    model = ModelConfig(hidden=8)
+    return build_task(load_task_data(DataConfig(preset="digits", max_pretrain=max_pretrain, max_finetune=40), model),
+                      model).to("cpu", torch.float64)
+
+
+def test_minibatch_pretraining_reports_its_true_gradient_and_is_never_certified():
+    """minibatch_epochs: Adam over shuffled minibatches lowers L_P from the initial weights; the reported
+    ‖∇‖ is the full-batch gradient at the result (recomputed here by autograd on the whole set), the
+    stage carries no certificate, and a repeat with the same seed gives the same weights."""
+    from precompute.config import TrainConfig
+    from precompute.training import pretrain
+
+    task = _digits_task()
+    config = TrainConfig(minibatch_epochs=20, minibatch_size=32, minibatch_lr=1e-2)
+    start = task.initial_pretrain_params()
+    result = pretrain(task, config, desc=None)
+    again = pretrain(task, config, desc=None)
+    p = result.params.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(task.pretrain_objective(p), p)
+    assert result.method == "minibatch" and result.certificate is None and not result.certified
+    assert math.isclose(result.grad_norm, float(grad.norm()), rel_tol=1e-9)
+    assert result.objective < 0.5 * float(task.pretrain_objective(start))
+    assert result.iterations == 20 * math.ceil(task.m / 32)
+    assert torch.equal(result.params, again.params)
+    assert result.summary()["method"] == "minibatch" and result.summary()["eig_min"] is None
+
+
+def test_a_minibatch_stage_needs_a_damped_solve():
+    """A damped stationary point is no minimum: undamped influence refuses it in one line naming the fix;
+    a damped solve (its own, proximal question) accepts it."""
+    from precompute.certificate import CertificateError
+    from precompute.training import TrainedStages, TrainResult
+
+    x = torch.zeros(2, dtype=torch.float64)
+    stage = TrainResult(x, 0.0, 3e-2, 100, False, None, 0, "minibatch")
+    trained = TrainedStages(stage, {"fixed": TrainResult(x, 0.0, 0.0, 1, True)}, alpha=0.1)
+    trained.require_certified(("fixed",), damping=1e-3)
+    try:
+        trained.require_certified(("fixed",))
+    except CertificateError as err:
+        message = str(err)
+    else:
+        raise AssertionError("a minibatch stage passed an undamped solve")
+    assert "\n" not in message and "minibatch" in message and "3.0e-02" in message and "--damping" in message

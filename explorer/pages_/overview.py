@@ -66,8 +66,8 @@ st.markdown("#### 3 · Do the scores predict what retraining actually does?")
 head = story.headline(m, scenario)
 pairs = data.pairs(key, scenario)
 if head is None or pairs is None or pairs.empty:
-    st.info(f"Run '{run.name}' was made without validation by retraining, so this question has no answer "
-            "here. Runs made with the default settings include it.")
+    proof = story.evidence(m, scenario)
+    st.info(f"**{proof['label']}.** {proof['sentence']}")
 else:
     c_fig, c_text = st.columns([3, 2], gap="large")
     with c_fig:

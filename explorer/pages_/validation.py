@@ -26,10 +26,11 @@ all_pairs = data.pairs(key, scenario)
 if all_pairs is not None and not (set(int(t) for t in all_pairs["test_id"]) & set(run.test_points)):
     all_pairs = None  # pairs for test points that were not scored cannot be shown
 if all_pairs is None or all_pairs.empty:
-    st.info(
-        f"Run '{run.name}' was made without validation by retraining (`--no-validate`), so there is nothing to "
-        "compare here. Runs made with the default settings include it."
-    )
+    proof = story.evidence(m, scenario)
+    st.info(f"Run '{run.name}' has no retraining pairs to compare here. **{proof['label']}.** {proof['sentence']}"
+            if proof["kind"] == "agreement" else
+            f"Run '{run.name}' was made without validation by retraining (`--no-validate`), so there is nothing to "
+            "compare here. Runs made with the default settings include it.")
 else:
     with_pairs = set(int(t) for t in all_pairs["test_id"]) & set(run.test_points)
     val_tests = [t for t in run.validation_test_points if t in with_pairs] or sorted(with_pairs)
