@@ -60,6 +60,10 @@ def evidence(manifest: Mapping, scenario: str) -> dict:
                              f"are the same, of the {k} most harmful {float(a.get('top_harmful_overlap', math.nan)):.0%}. "
                              "This shows the fast solver is faithful to the (damped) influence, not that the "
                              "scores predict retraining.")}
+    if isinstance(a, Mapping) and a.get("error"):
+        return {"kind": "none", "label": "Evidence: none (the reference solver failed)",
+                "sentence": f"Nothing was retrained for this run, and {a.get('reference')} could not re-compute its "
+                            f"{a.get('solver')} scores: {a['error']}"}
     return {"kind": "none", "label": "Evidence: none (made with --no-validate)",
             "sentence": "This run was made without validation by retraining or a second solver, so nothing "
                         "checks its scores. Runs made with the default settings are checked by retraining."}

@@ -16,8 +16,10 @@ from dataclasses import replace
 import numpy as np
 
 from .config import InfluenceConfig
+from .distributed import get_rank
 from .metrics import pearson, spearman
 from .multistage import MultiStageInfluence
+from .solvers import SolverError
 from .task import TwoStageTask
 from .training import TrainedStages
 
@@ -55,7 +57,8 @@ def solver_agreement(task: TwoStageTask, trained: TrainedStages, scores: dict[st
     """Re-scores the first ``config.agreement_points`` of ``test_ids`` with ``config.agreement_solver`` on the
     pretraining side (every other setting as the run's: damping, curvature, finetune solver) and compares
     with the run's ``scores`` ({scenario: [T, m]}). Returns {scenario: ``agreement_summary`` + "solver",
-    "reference", "test_points", "seconds"}; {} when no agreement solver is set, and on ranks other than 0
+    "reference", "test_points", "seconds"}, or those with "error" (one line) instead of the statistics when the
+    reference solve fails (it does not fail the run); {} when no agreement solver is set, and on ranks other than 0
     (collective under torchrun, like ``MultiStageInfluence``)."""
     if not config.agreement_solver:
         return {}
@@ -63,7 +66,12 @@ def solver_agreement(task: TwoStageTask, trained: TrainedStages, scores: dict[st
     reference_config = replace(config, pretrain_solver=replace(config.pretrain_solver, name=config.agreement_solver))
     start = time.perf_counter()
     influence = MultiStageInfluence(task, trained, reference_config, progress=progress).fit()
-    reference = influence.scores(ids)
+    try:
+        reference = influence.scores(ids)
+    except SolverError as err:               # the reference could not solve: recorded, the run keeps its scores
+        return {s: {"solver": config.pretrain_solver.name, "reference": config.agreement_solver,
+                    "error": " ".join(str(err).split()), "test_points": ids, "seconds": time.perf_counter() - start}
+                for s in config.scenarios} if get_rank() == 0 else {}
     seconds = time.perf_counter() - start
     if reference is None:                     # under torchrun, ranks other than 0
         return {}

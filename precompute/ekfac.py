@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from . import progress as progress_report
 from .config import KFAC_SOLVERS, SolverConfig
 from .curvature import BatchedHVP, Outputs, output_hessian_sqrt
 from .distributed import all_reduce_sum, broadcast_vectors, get_rank, get_world_size, shard_range
@@ -191,7 +192,7 @@ def fingerprint(point: Tensor, x_len: int) -> str:
 
 
 def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, roots: list[Root],
-              chunk_size: int = 512, data_parallel: bool = False) -> EKFACFactors:
+              chunk_size: int = 512, data_parallel: bool = False, desc: str | None = None) -> EKFACFactors:
     """Fit EK-FAC factors at ``point`` over the examples (x, y): two streamed passes.
 
     outputs(point, x_chunk) -> [B, C]; loss_fn(z, y) -> [B]; ``denominator`` n of the objective's
@@ -199,6 +200,7 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
     ``data_parallel`` (collective, every rank calls it): each rank streams its shard of the rows
     (``shard_range``) and the sums are all-reduced, so every rank gets the factors of all n examples
     (rank 0's, broadcast: a lockstep pcg needs bit-identical preconditioners on every rank).
+    ``desc``: a progress bar of that name counts the two passes' chunks (rank 0 only).
     """
     blocks, fallback = find_layers(roots)
     dim, n = len(point), len(x)
@@ -218,6 +220,8 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
             fallback += [(f"{b.name}.{kind}", getattr(b, kind)) for b in blocks if b.name in err.names
                          for kind in ("weight", "bias") if getattr(b, kind) is not None]
             blocks = [b for b in blocks if b.name not in err.names]
+    bar = progress_report.bar(desc or "", total=2 * len(spans), unit="chunks",
+                              enabled=desc is not None and get_rank() == 0)
     a_cov = [torch.zeros(b.d_in, b.d_in, dtype=dtype, device=device) for b in blocks]
     s_cov = [torch.zeros(b.out_features, b.out_features, dtype=dtype, device=device) for b in blocks]
     for j, sl in enumerate(spans):
@@ -225,6 +229,7 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
         for i, (a, d) in enumerate(zip(acts, deltas)):
             a_cov[i] += torch.einsum("bli,blj->ij", a, a)
             s_cov[i] += torch.einsum("cblo,cblp->op", d, d)
+        bar.update(1)
     qa = [_eigvecs(total(c)) for c in a_cov]
     qs = [_eigvecs(total(c)) for c in s_cov]
     lam = [torch.zeros(b.out_features, b.d_in, dtype=dtype, device=device) for b in blocks]
@@ -242,6 +247,8 @@ def fit_ekfac(outputs: Outputs, loss_fn, point: Tensor, x, y, denominator: int, 
                     lam[i] += (torch.einsum("blo,bli->boi", dp[c], ap) ** 2).sum(0)
         if fb_index is not None:
             diag += _fallback_diagonal(outputs, point, x[sl], sqrt, fb_index)
+        bar.update(1)
+    bar.close(f"{n:,} examples, two passes")
     lam = [total(v) / denominator for v in lam]
     diag = total(diag) / denominator
     if data_parallel:
@@ -303,7 +310,7 @@ def pretrain_factors(task: TwoStageTask, p: Tensor, config: SolverConfig,
     path = Path(config.factors_dir) / "ekfac_pretrain.safetensors" if config.factors_dir else None
     return cached_factors(lambda: fit_ekfac(task.pretrain_outputs, task.pretrain_loss, p, task.pretrain_x,
                                             task.pretrain_y, task.m, pretrain_roots(task), config.factor_chunk,
-                                            data_parallel),
+                                            data_parallel, desc="fitting EK-FAC factors (pretraining)"),
                           path, p, task.m, pretrain_roots(task), data_parallel)
 
 

@@ -150,7 +150,9 @@ class RunSummary:
                    f"slope {v['slope']:.2f} over {v['n_pairs']} removals") if v else ""
             out.append(f"  {s:8} finetune test accuracy {acc:.3f}{fit}")
             agree = (m.get("solver_agreement") or {}).get(s)
-            if agree:
+            if agree and "error" in agree:
+                out.append(f"  {s:8} {agree['reference']} could not check {agree['solver']}: {agree['error']}")
+            elif agree:
                 out.append(f"  {s:8} {agree['solver']} vs {agree['reference']} on {agree['n_test_points']} test points: "
                            f"Pearson {agree['pearson']:.3f}, Spearman {agree['spearman']:.3f}, top-{agree['top_k']} "
                            f"overlap {agree['top_helpful_overlap']:.2f} helpful / {agree['top_harmful_overlap']:.2f} harmful "

@@ -96,7 +96,9 @@ def build_solver(system: LinearSystem, config: SolverConfig) -> InverseHVP:
         preconditioner = DeflatedEKFAC(factors, system.shift + damping, operator, system.dim, config.deflation,
                                        system.dtype, system.device, config.seed)
         return PCGSolver(*args, preconditioner=preconditioner,
-                         curvature_model=factors.report() | {"deflation_steps": config.deflation})
+                         curvature_model=factors.report() | {"deflation_steps": config.deflation,
+                                                             "eigenvalues": "of the EK-FAC model"},
+                         eigenvalue_estimate=lambda: factors.eigenvalue_range(system.shift))
     raise SolverError(f"unknown solver {name!r}")
 
 

@@ -91,3 +91,16 @@ def test_no_agreement_solver_records_nothing(digits_chain):
 
     task, trained = digits_chain
     assert solver_agreement(task, trained, {}, [0], InfluenceConfig()) == {}
+
+
+def test_a_failed_reference_is_recorded_and_does_not_fail_the_run(digits_chain):
+    """cg capped at 2 iterations cannot reach its residual: the record says why, in one line, instead
+    of statistics."""
+    from precompute.config import InfluenceConfig, SolverConfig
+
+    task, trained = digits_chain
+    config = InfluenceConfig(pretrain_solver=SolverConfig("exact", max_iter=2), finetune_solver=SolverConfig("exact"),
+                             agreement_solver="cg", agreement_points=1)
+    record = solver_agreement(task, trained, {"fixed": None, "updated": None}, [0], config)
+    for s in ("fixed", "updated"):
+        assert "pearson" not in record[s] and "\n" not in record[s]["error"] and "cg" in record[s]["error"]

@@ -246,5 +246,7 @@ def test_a_run_checked_by_solver_agreement_says_which_evidence_it_has(monkeypatc
     assert any("solver agreement only" in i.value for i in at.info)
     # the other kinds, from the same helper
     assert story.evidence({}, "fixed")["kind"] == "none"
+    failed = {"solver_agreement": {"fixed": {"solver": "ekfac", "reference": "pcg", "error": "pcg: did not converge"}}}
+    assert story.evidence(failed, "fixed")["kind"] == "none" and "did not converge" in story.evidence(failed, "fixed")["sentence"]
     validated = {"validation": {"fixed": {"pearson": 0.9, "spearman": 0.8, "slope": 1.0, "n_pairs": 24}}}
     assert story.evidence(validated, "fixed")["kind"] == "retraining"
