@@ -136,6 +136,10 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         if certificate.eig_min < 0 and escaped[0] < config.max_escapes:
             moved = escape_saddle(objective, x, lowest)
             if moved is None:
+                # no step along the eigenvector lowers L beyond rounding (float32, a tiny |λ_min|); while ‖∇‖
+                # is still above target, another round of L-BFGS + polish may walk away from the saddle
+                if certificate.grad_norm > config.grad_tol and rounds < config.rounds and iterations < config.max_iter:
+                    continue
                 break
             x = moved
             on_escape()

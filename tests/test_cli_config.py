@@ -150,7 +150,7 @@ def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_
     assert config.dtype == "float32" and config.train.grad_tol == 1e-4 and config.train.minibatch_epochs > 0
     solver = config.influence.pretrain_solver
     assert (solver.name, solver.curvature) == ("ekfac", "ggn") and solver.damping > 0
-    assert config.influence.finetune_solver.damping == solver.damping
+    assert config.influence.finetune_solver.damping == solver.damping and config.influence.finetune_solver.curvature == "ggn"
     assert config.influence.agreement_solver == "pcg" and config.influence.agreement_points >= 1
     assert not config.validate and config.n_test_points >= 16
     quick = config_from_args(build_parser().parse_args(["--preset", "fashion-all", "--quick"]), "fashion-all", "r")
