@@ -157,12 +157,18 @@ def preset_threads(preset: str, ranks: int = 1) -> int:
 
 def cost_note(config: RunConfig, device_type: str) -> str | None:
     """One line to print before a run that is far costlier on ``device_type`` than the presets' usual
-    minutes (the full fashion preset on a CPU), saying what to run instead; None otherwise."""
+    minutes (the full fashion preset, and fashion-all's pcg check, on a CPU), saying what to run instead;
+    None otherwise."""
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) runs "
                 "well over half an hour on 2 CPU cores (pretraining about 18 minutes, then a dense Hessian of about "
                 "13, one run: docs/evidence.md); --quick takes about 6 minutes, "
                 "and --device cuda runs the full size faster")
+    if config.data.preset == "fashion-all" and not config.quick and device_type == "cpu" \
+            and config.influence.agreement_solver:
+        return ("note: fashion-all scores 30,000 garments with ekfac in about 2 minutes on 2 CPU cores; its check "
+                f"against {config.influence.agreement_solver} on {config.influence.agreement_points} test points "
+                "takes about 20 more (one run: docs/evidence.md); --agreement-solver '' skips it")
     return None
 
 

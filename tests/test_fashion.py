@@ -201,6 +201,13 @@ def test_full_preset_on_a_cpu_says_what_it_costs_first():
     assert cost_note(full, "cuda") is None
     assert cost_note(quick_config(full), "cpu") is None
     assert cost_note(RunConfig(out="", data=DataConfig(preset="digits")), "cpu") is None
+    # fashion-all: ekfac is quick, its pcg check is not; the note names the flag that skips it
+    from precompute.presets import full_config
+
+    every = full_config(RunConfig(out="", data=DataConfig(preset="fashion-all")))
+    note = cost_note(every, "cpu")
+    assert note is not None and "\n" not in note and "--agreement-solver ''" in note and "pcg" in note
+    assert cost_note(replace(every, influence=replace(every.influence, agreement_solver="")), "cpu") is None
 
 
 @needs_fashion
