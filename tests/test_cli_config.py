@@ -161,3 +161,13 @@ def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_
     assert mine.dtype == "float64" and mine.train.minibatch_epochs == 3 and mine.influence.agreement_points == 2
     assert mine.influence.pretrain_solver.damping == 0.01 and mine.influence.agreement_solver == ""
     assert mine.train.grad_tol == TrainConfig().grad_tol          # float64 keeps the float64 tolerances
+
+
+def test_fashion_all_refuses_the_mislabel_checks_in_one_line_before_any_data(tmp_path, capsys):
+    from precompute.cli import main
+
+    for flags in (["--clean"], ["--label-noise", "0.05"]):
+        code = main(["--preset", "fashion-all", *flags, "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "fashion-all" in err and "--preset fashion" in err
+        assert not (tmp_path / "run").exists()
