@@ -16,6 +16,7 @@ KFAC_SOLVERS = ("ekfac", "pcg")     # built on the EK-FAC factors of a model's l
 CURVATURES = ("hessian", "ggn")
 AUTO_EXACT_MAX_DIM = 6000   # "auto" picks exact up to this many parameters, pcg or cg above
 SCENARIOS = ("fixed", "updated")
+FASHION_PRESETS = ("fashion", "fashion-all")     # the presets built on Fashion-MNIST and ``models.fashion_cnn``
 SCORE_PRECISIONS = ("full", "bfloat16", "float16")
 DEFAULT_L2 = 1e-2
 """λ of both stages' L2 terms unless set (``TwoStageTask``, ``ModelConfig``): on the preset models

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig
+from .config import FASHION_PRESETS, RunConfig
 from .errors import PrecomputeError
 
 EXACT_MAX_PARAMS = 20_000          # dense float64 Hessian: 3.2 GB, eigendecomposition minutes
@@ -97,7 +97,7 @@ def stage_params(config: RunConfig, d_in: int) -> int:
 def model_size(config: RunConfig) -> tuple[int, str] | None:
     """(parameters of the larger stage, what sets them), or None when unknown before loading. The
     fashion CNN's size follows --channels / --hidden (``models.fashion_cnn_params``)."""
-    if config.data.preset in ("fashion", "fashion-all"):
+    if config.data.preset in FASHION_PRESETS:
         from .models import fashion_cnn_params
 
         model = config.model
@@ -123,7 +123,7 @@ def check_resources(config: RunConfig) -> None:
         if p > limit:
             raise ResourceLimitError(
                 f"{where} give a model of about {p:,} parameters (limit {limit:,}"
-                + (f"): lower --channels / --hidden" if config.data.preset in ("fashion", "fashion-all") else
+                + (f"): lower --channels / --hidden" if config.data.preset in FASHION_PRESETS else
                    f"; --hidden {config.model.hidden}): resize the images or lower --vocabulary / --hidden")
                 + f", or pass --max-params {p} to lift the limit")
         solvers = {config.influence.pretrain_solver.name, config.influence.finetune_solver.name}
@@ -138,7 +138,7 @@ def check_resources(config: RunConfig) -> None:
                 f"--chunk-size {config.influence.chunk_size} holds {chunk_bytes / 1e9:,.1f} GB of per-example "
                 f"gradients for a model of about {p:,} parameters; use --chunk-size "
                 f"{max(1, MAX_CHUNK_BYTES // (p * 8))} or less")
-        if config.validate and p > MAX_DENSE_PARAMS and config.data.preset not in ("fashion", "fashion-all"):   # CNN: low-rank path
+        if config.validate and p > MAX_DENSE_PARAMS and config.data.preset not in FASHION_PRESETS:   # CNN: low-rank path
             raise ResourceLimitError(
                 f"validation by retraining handles at most {MAX_DENSE_PARAMS:,} parameters per stage and "
                 f"this model has about {p:,} ({where}, --hidden {config.model.hidden}); pass --no-validate, "

@@ -209,17 +209,14 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
             preds = {s: predictions(task, trained.q(s)) for s in config.influence.scenarios}
             test_ids = pick_test_points(config, data, task, preds)
             with timer.step("influence"):
-                # ekfac/pcg: the EK-FAC factors are saved in the run (factors/*.safetensors) and reused
-                influence = MultiStageInfluence(
-                    task, trained, with_factor_cache(config.influence, writer.path / "factors" if writer else None),
-                    progress=progress).fit()
+                # ekfac/pcg factors saved in the run (factors/*.safetensors): fitted once, reused by the agreement
+                solving = with_factor_cache(config.influence, writer.path / "factors" if writer else None)
+                influence = MultiStageInfluence(task, trained, solving, progress=progress).fit()
                 scores = influence.scores(test_ids, out_dir=writer.path if config.scores_to_disk and main else None)
             agreement = {}
             if config.influence.agreement_solver:
                 with timer.step(f"solver agreement ({config.influence.agreement_solver})"):
-                    agreement = solver_agreement(task, trained, scores, test_ids,
-                                                 with_factor_cache(config.influence, writer.path / "factors"
-                                                                   if writer else None), progress)
+                    agreement = solver_agreement(task, trained, scores, test_ids, solving, progress)
             manifest = None
             with agreed("validating and writing the run"):
                 if main:

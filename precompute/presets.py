@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DataConfig, ModelConfig, RunConfig, SolverConfig
+from .config import FASHION_PRESETS, DataConfig, ModelConfig, RunConfig, SolverConfig
 from .data import (DataError, LabelledExamples, TextVectorizer, flip_labels, image_features,
                    load_bbc_news, load_digits_examples, load_image_folder, load_mnist_idx, load_npy_images,
                    load_text_table, select_classes, split_train_test, subsample_per_class)
@@ -40,7 +40,6 @@ from .streaming import LazyRows
 from .task import TwoStageTask
 
 PRESETS = ("digits", "news", "fashion", "fashion-all", "custom")
-FASHION_PRESETS = ("fashion", "fashion-all")
 FASHION_PRETRAIN = ("T-shirt/top", "Coat", "Shirt", "Sandal", "Ankle boot")
 FASHION_FINETUNE = ("Trouser", "Pullover", "Dress", "Sneaker", "Bag")
 NEWS_PRETRAIN_TOPICS = ("business", "politics", "tech")
@@ -218,8 +217,8 @@ def fashion_all_config(config: RunConfig) -> RunConfig:
     """fashion-all's settings (full and quick): float32 training tolerances, minibatch pretraining, ekfac
     on the Gauss-Newton curvature with ``FASHION_ALL_DAMPING`` for both solves' damping (the updated
     finetune's system on the Gauss-Newton curvature too: positive definite even where float32 training
-    stops beside a saddle, which then shows as an uncertified stage in the summary, not a failed run), pcg re-scoring the
-    first ``FASHION_ALL_AGREEMENT_POINTS`` test points, 16 scored test points, no retraining check (it
+    stops beside a saddle, which then shows as an uncertified stage in the summary, not a failed run),
+    pcg re-scoring the first ``FASHION_ALL_AGREEMENT_POINTS`` test points, 16 scored test points, no retraining check (it
     would retrain a 54,693-parameter CNN on 30,000 garments per removal)."""
     train = replace(config.train, minibatch_epochs=config.train.minibatch_epochs or FASHION_ALL_EPOCHS,
                     lbfgs_tol=FASHION_ALL_LBFGS_TOL)

@@ -467,8 +467,7 @@ def minibatch_pretrain(task: TwoStageTask, config: TrainConfig, weights: Tensor 
     params = x.detach()
     objective = pretraining_objective(task, weights, config.stream_chunk)
     gnorm = _grad_norm(objective, params)
-    bar.close(f"{config.minibatch_epochs} epochs of minibatch Adam, full-batch ‖∇‖ {gnorm:.1e} "
-              "(a damped stationary point, not certified)")
+    bar.close(f"minibatch Adam, full-batch ‖∇‖ {gnorm:.1e} (a damped stationary point, not certified)")
     return TrainResult(params, float(objective(params)), gnorm, step, gnorm <= config.grad_tol, None, 0, "minibatch")
 
 
