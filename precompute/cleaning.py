@@ -52,13 +52,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .config import CleaningConfig, InfluenceConfig
+from .config import CleaningConfig, InfluenceConfig, TrainConfig
 from .contract import NON_SIGNAL_COLUMNS
 from .errors import ConfigError
 from .influence import pretrain_solver, stacked_test_vectors
 from .metrics import auc, detection_curve, recall_at, top_fraction
 from .retraining import Retrainer, retrain, solve_stage
 from .scoring import score_pretraining, self_influence
+from .scratch_retraining import out_of_fold_probabilities, retrain_chains
 from .solvers import InverseHVP
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
@@ -66,7 +67,7 @@ from .training import TrainedStages
 SIGNALS = ("multi_stage_harmfulness", "multi_stage_total_harm", "self_influence", "pretrain_loss", "margin",
            "cleanlab")
 """Signal columns of ``cleaning/signals.parquet``, in display order (higher = more suspicious)."""
-RECALL_PERCENTS = (5, 10, 20)
+RECALL_PERCENTS = (2, 5, 10, 20)
 TOP_HARMFUL = 20
 
 PROTOCOL = (
@@ -77,6 +78,15 @@ PROTOCOL = (
     "multi-stage signals. Baselines: nothing removed ('none', same protocol), a random x% ('random') and "
     "exactly the flipped examples ('oracle'). cleanlab uses out-of-sample probabilities from K-fold "
     "retraining of the pretraining stage (warm-started at p*).")
+SCRATCH_PROTOCOL = (
+    "Clean-and-retrain: for each signal, the top x% pretraining examples are removed (weight 0, "
+    "denominator m fixed) and the chain is trained again: the minibatch pretraining repeated from the same "
+    "initial weights with the same minibatch order and schedule (with nothing removed it reproduces the "
+    "trained model), then both finetunes warm-started at the trained heads and certified; finetune test "
+    "accuracy and mean loss are measured on the whole finetune test set and on the held-out part whose "
+    "labels were not used to pick the suspects of the multi-stage signals. Baselines: nothing removed "
+    "('none'), a random x% ('random') and exactly the flipped examples ('oracle'). cleanlab uses out-of-sample "
+    "probabilities from K repeats of the pretraining, each without one fold.")
 
 
 @dataclass
@@ -84,7 +94,7 @@ class CleaningResult:
     """What ``run_cleaning`` produced.
 
     signals:   DataFrame [m rows]: id, one float column per signal, suggested_label (+ flipped).
-    detection: {signal: {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}} and, when there are
+    detection: {signal: {"auc", "recall_top_2", ..., "recall_top_20"}} and, when there are
                misclassified test points, "top20_harmful_of_misclassified": {"flipped_in_top20_harmful",
                "base_rate", "n_test_points"}. Empty without ground truth (flipped is None).
     retrain:   DataFrame: signal, percent, scenario, n_removed, test_accuracy, test_loss (whole finetune
@@ -193,6 +203,19 @@ def cleanlab_signal(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return issues.astype(np.float64) + (1.0 - quality)
 
 
+def retrained_from_scratch(trained: TrainedStages) -> bool:
+    """True when the chain's pretraining is minibatch Adam: its retrainings repeat the training
+    (``precompute.scratch_retraining``), as there is no certified minimum to warm-start Newton-type steps at."""
+    return trained.pretrain.method == "minibatch"
+
+
+def _train_config(train: TrainConfig | None) -> TrainConfig:
+    if train is None:
+        raise ConfigError("this chain was pretrained by minibatches: its mislabel checks repeat that training, "
+                          "so pass the TrainConfig it was trained with (train=...)")
+    return train
+
+
 # ---- signals --------------------------------------------------------------------------------------
 
 def suspect_test_vectors(task: TwoStageTask, trained: TrainedStages, scenario: str, suspect_test_ids,
@@ -220,13 +243,16 @@ def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, s
                     config: InfluenceConfig, flipped: np.ndarray | None = None, *,
                     cleaning: CleaningConfig = CleaningConfig(), solver: InverseHVP | None = None,
                     retrainer: Retrainer | None = None,
-                    scores: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+                    scores: tuple[np.ndarray, np.ndarray] | None = None,
+                    train: TrainConfig | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per pretraining example: id, the SIGNALS (float64, higher = more suspicious), suggested_label.
 
     suspect_test_ids: finetune test ids whose loss defines the multi-stage signals (for example the
     misclassified ones) in ``scenario``. flipped (bool [m], optional ground truth) is copied into a
     ``flipped`` column for evaluation; no signal uses it. ``solver``, ``retrainer`` and ``scores``
-    (the output of ``suspect_scores``) let a caller reuse work it has already done.
+    (the output of ``suspect_scores``) let a caller reuse work it has already done. A minibatch-pretrained
+    chain (``retrained_from_scratch``) needs ``train``, the configuration it was trained with: its cleanlab
+    folds repeat that training.
     """
     p = trained.p
     solver = solver or pretrain_solver(task, p, config.pretrain_solver, hessians=trained.hessians)
@@ -242,9 +268,14 @@ def ranking_signals(task: TwoStageTask, trained: TrainedStages, scenario: str, s
         given = logits.gather(1, labels[:, None])[:, 0]
         margin = logits.scatter(1, labels[:, None], float("-inf")).max(1).values - given
 
-    retrainer = retrainer or Retrainer(task, trained, scenarios=())
-    probs = out_of_sample_probabilities(task, trained, retrainer, cleaning.folds, cleaning.retrain_tol,
-                                        cleaning.retrain_max_iter, cleaning.seed)
+    if retrained_from_scratch(trained):
+        probs = out_of_fold_probabilities(task, _train_config(train),
+                                          stratified_folds(labels.cpu().numpy(), cleaning.folds, cleaning.seed),
+                                          progress)
+    else:
+        retrainer = retrainer or Retrainer(task, trained, scenarios=())
+        probs = out_of_sample_probabilities(task, trained, retrainer, cleaning.folds, cleaning.retrain_tol,
+                                            cleaning.retrain_max_iter, cleaning.seed)
     y = labels.cpu().numpy()
     table = pd.DataFrame({
         "id": np.arange(task.m, dtype=np.int64),
@@ -277,7 +308,7 @@ def detection_metrics(signals: pd.DataFrame, flipped: np.ndarray,
                       harmful_scores: np.ndarray | None = None, top: int = TOP_HARMFUL) -> dict:
     """How well each signal finds the flipped examples.
 
-    Returns {signal: {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}} (recall: fraction of
+    Returns {signal: {"auc", "recall_top_x" for x in RECALL_PERCENTS}} (recall: fraction of
     the flipped examples among the top x % of that signal). With ``harmful_scores`` [T, m] (scores of
     misclassified test points, score < 0 = harmful) it adds "top20_harmful_of_misclassified":
     {"flipped_in_top20_harmful": mean over test points of the flipped fraction of their ``top`` most
@@ -319,26 +350,37 @@ def removal_plan(signals: pd.DataFrame, flipped: np.ndarray | None, percents, se
 def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.DataFrame,
                       flipped: np.ndarray | None, cleaning: CleaningConfig = CleaningConfig(),
                       retrainer: Retrainer | None = None, heldout_test_ids=None,
-                      progress: bool = False) -> pd.DataFrame:
+                      progress: bool = False, train: TrainConfig | None = None) -> pd.DataFrame:
     """Remove the top x % of each signal (and random x %, the oracle, nothing), retrain, evaluate.
 
     All removals are retrained together (batched, warm-started at the trained parameters; weight 0,
     denominator m). Returns one row per (removal, scenario): signal, percent, scenario, n_removed,
     test_accuracy, test_loss (whole finetune test set), heldout_accuracy, heldout_loss (rows
-    ``heldout_test_ids``; NaN when None), converged (both stages reached ``retrain_tol``).
+    ``heldout_test_ids``; NaN when None), converged (both stages reached ``retrain_tol``; for a chain
+    ``retrained_from_scratch``, whose pretraining is never certified: the scenario's finetune certified).
+    Such a chain is trained again per row (``precompute.scratch_retraining``, needs ``train``).
     """
     plan = removal_plan(signals, flipped, cleaning.percents, cleaning.seed)
     weights = torch.ones(len(plan), task.m, dtype=task.dtype, device=task.device)
     for b, (_, _, ids) in enumerate(plan):
         weights[b, torch.as_tensor(ids, dtype=torch.long, device=task.device)] = 0.0
-    retrainer = retrainer or Retrainer(task, trained)
-    result = retrain(task, trained, weights, cleaning.validation(), progress=progress, retrainer=retrainer)
+    if retrained_from_scratch(trained):
+        scenarios = tuple(trained.finetune)
+        chains = retrain_chains(task, _train_config(train), trained, weights, scenarios, progress)
+        q_of = {s: [c.q[s] for c in chains] for s in scenarios}
+        converged_of = {s: np.array([c.certified[s] for c in chains]) for s in scenarios}
+    else:
+        retrainer = retrainer or Retrainer(task, trained)
+        result = retrain(task, trained, weights, cleaning.validation(), progress=progress, retrainer=retrainer)
+        scenarios = retrainer.scenarios
+        q_of = {s: result.q[s] for s in scenarios}
+        converged_of = {s: result.chain_converged(s).cpu().numpy() for s in scenarios}
     heldout = [] if heldout_test_ids is None else heldout_test_ids
     rows = []
-    for scenario in retrainer.scenarios:
-        converged = result.chain_converged(scenario).cpu().numpy()
+    for scenario in scenarios:
+        converged = converged_of[scenario]
         for b, (name, percent, ids) in enumerate(plan):
-            q = result.q[scenario][b]
+            q = q_of[scenario][b]
             acc, loss = finetune_test_metrics(task, q)
             h_acc, h_loss = finetune_test_metrics(task, q, heldout)
             rows.append({"signal": name, "percent": percent, "scenario": scenario, "n_removed": len(ids),
@@ -351,7 +393,7 @@ def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.Da
 
 def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray | None,
                  config: InfluenceConfig, cleaning: CleaningConfig = CleaningConfig(),
-                 progress: bool = False) -> CleaningResult:
+                 progress: bool = False, train: TrainConfig | None = None) -> CleaningResult:
     """Signals, detection metrics and clean-and-retrain for one trained chain.
 
     flipped: bool [m] ground truth of injected label noise (``TaskData.flipped``), or None (then
@@ -359,7 +401,8 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     multi-stage signals are the finetune test points of the audit part that are misclassified in
     ``cleaning.scenario`` (the whole audit part if none is). Write ``result.signals`` to
     ``cleaning/signals.parquet``, ``result.retrain`` to ``cleaning/retrain.parquet`` and
-    ``result.detection`` to the manifest's ``mislabel_detection``.
+    ``result.detection`` to the manifest's ``mislabel_detection``. ``train``: the configuration the chain
+    was trained with, needed when its pretraining was minibatch (``retrained_from_scratch``).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -378,21 +421,25 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     solver = pretrain_solver(task, trained.p, config.pretrain_solver, hessians=trained.hessians)
     vectors = suspect_test_vectors(task, trained, scenario, suspects.tolist(), config, solver)
     scores = suspect_scores(task, trained.p, vectors, config.chunk_size)
-    retrainer = Retrainer(task, trained)
+    scratch = retrained_from_scratch(trained)
+    if scratch:
+        _train_config(train)                    # before any work, not after the signals
+    retrainer = None if scratch else Retrainer(task, trained)
     lap("cleaning: test vectors")
     signals = ranking_signals(task, trained, scenario, suspects.tolist(), config, flipped, cleaning=cleaning,
-                              solver=solver, retrainer=retrainer, scores=scores)
+                              solver=solver, retrainer=retrainer, scores=scores, train=train, progress=progress)
     lap("cleaning: signals")
     detection: dict = {}
     if flipped is not None:
         detection = detection_metrics(signals, flipped, scores[0] if len(misclassified) else None)
     retrained = clean_and_retrain(task, trained, signals, flipped, cleaning, retrainer,
-                                  heldout if len(heldout) else None, progress)
+                                  heldout if len(heldout) else None, progress, train)
     lap("cleaning: retrain")
-    return CleaningResult(signals, detection, retrained, scenario, suspects.tolist(), heldout.tolist(), timings)
+    return CleaningResult(signals, detection, retrained, scenario, suspects.tolist(), heldout.tolist(), timings,
+                          SCRATCH_PROTOCOL if scratch else PROTOCOL)
 
 
 __all__ = ["SIGNALS", "CleaningConfig", "CleaningResult", "audit_split", "auc", "clean_and_retrain", "detection_curve",
            "detection_metrics", "finetune_test_metrics", "misclassified_test_ids", "out_of_sample_probabilities",
-           "ranking_signals", "recall_at", "removal_plan", "run_cleaning", "self_influence", "signal_columns",
+           "ranking_signals", "recall_at", "removal_plan", "retrained_from_scratch", "run_cleaning", "self_influence", "signal_columns",
            "suspect_scores", "suspect_test_vectors", "top_fraction"]

@@ -111,11 +111,6 @@ def check_resources(config: RunConfig) -> None:
     """Raise ResourceLimitError if the run would exceed a limit (see the module docstring)."""
     from .retraining import MAX_DENSE_PARAMS
 
-    if config.data.preset == "fashion-all" and (config.clean or config.data.label_noise > 0):
-        raise ResourceLimitError(
-            "--preset fashion-all does not run the mislabel checks yet (K-fold cleanlab and clean-and-retrain of a "
-            "54,693-parameter CNN on 30,000 garments take hours on a CPU): drop --clean/--label-noise, or use "
-            "--preset fashion (m = 5,000) with them")
     found = model_size(config)
     if found:
         p, where = found

@@ -368,7 +368,8 @@ def cleaning_evidence(evidence: Evidence, data: TaskData, task: TwoStageTask, tr
     from .cleaning import run_cleaning
 
     with timer.step("cleaning"):
-        cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress)
+        cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress,
+                                config.train)
     return replace(evidence, tables={**evidence.tables, "cleaning/signals.parquet": cleaning.signals,
                                      "cleaning/retrain.parquet": cleaning.retrain},
                    mislabel_detection=cleaning.detection, cleaning=cleaning.manifest_info())

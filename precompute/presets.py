@@ -213,6 +213,11 @@ FASHION_ALL_AGREEMENT_POINTS = 2
 each a CG solve over 30,000 garments)."""
 
 
+FASHION_ALL_CLEAN_PERCENTS = (2.0,)
+"""Clean-and-retrain removal sizes of fashion-all (--clean, --label-noise): each row trains the chain again
+(``precompute.scratch_retraining``), so one size keeps the check to about ten chains."""
+
+
 def fashion_all_config(config: RunConfig) -> RunConfig:
     """fashion-all's settings (full and quick): float32 training tolerances, minibatch pretraining, ekfac
     on the Gauss-Newton curvature with ``FASHION_ALL_DAMPING`` for both solves' damping (the updated
@@ -228,7 +233,8 @@ def fashion_all_config(config: RunConfig) -> RunConfig:
                         finetune_solver=replace(config.influence.finetune_solver, damping=FASHION_ALL_DAMPING,
                                                 deflation=FASHION_ALL_DEFLATION, curvature="ggn"),
                         agreement_solver="pcg", agreement_points=FASHION_ALL_AGREEMENT_POINTS)
-    return replace(config, train=train, influence=influence, validate=False, n_test_points=16)
+    cleaning = replace(config.cleaning, percents=FASHION_ALL_CLEAN_PERCENTS)
+    return replace(config, train=train, influence=influence, validate=False, n_test_points=16, cleaning=cleaning)
 
 
 QUICK_CNN_RETRAIN_ITERS = 100
@@ -256,7 +262,9 @@ def quick_config(config: RunConfig) -> RunConfig:
                    validation=replace(config.validation, n_test_points=3, k=3, group_percents=(5.0, 10.0),
                                       retrain_max_iter=retrain_iters,
                                       per_model_hessians=config.validation.per_model_hessians and not quick_model),
-                   cleaning=replace(config.cleaning, folds=3, percents=(5.0, 10.0)))
+                   cleaning=replace(config.cleaning, folds=3,
+                                    percents=config.cleaning.percents if config.data.preset == "fashion-all"
+                                    else (5.0, 10.0)))
 
 
 def load_task_data(config: DataConfig, model: ModelConfig) -> TaskData:

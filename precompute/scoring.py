@@ -169,6 +169,7 @@ def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size
     arnoldi: the same on the kept rank-r eigenpairs: the part of g outside the top-r subspace is
              dropped (an underestimate, as for the scores).
     cg/lissa: one batched solve per chunk, g · solve(g) (chunk_size right-hand sides per solve).
+    ekfac:   the same with its factored inverse, without a residual per chunk (``InverseHVP.apply``).
     """
     if isinstance(solver, ExactSolver):
         evals, evecs = solver.eigh()
@@ -186,7 +187,7 @@ def self_influence(task: TwoStageTask, p: Tensor, solver: InverseHVP, chunk_size
             if evecs is not None:
                 value = ((g @ evecs) * scale).square().sum(1)
             else:
-                value = (g * solver.solve(g.T)[0].T).sum(1)
+                value = (g * solver.apply(g.T).T).sum(1)
             out[sl] = value.cpu().numpy()
     return out
 

@@ -96,6 +96,12 @@ class InverseHVP(ABC):
                 f"{iterations} iterations; raise max_iter or the damping (now {self.damping}), or use 'exact'")
         return (x[:, 0] if squeeze else x), diag
 
+    def apply(self, b: Tensor) -> Tensor:
+        """x = (H + λI)⁻¹ b for b [D, k] without diagnostics, for the many blocks of a streamed pass of an
+        approximate solver (``solve``'s residual costs exact products: a pass over the data per column).
+        An exact or iterative solver still checks its residual (``solve``)."""
+        return self._solve(b)[0] if self.approximate else self.solve(b)[0]
+
     @abstractmethod
     def _solve(self, b: Tensor) -> tuple[Tensor, int]:
         ...
