@@ -5,7 +5,8 @@
 
 Starts the explorer on 127.0.0.1 over ``--runs``, opens the Overview, the Test point page (a validation
 test point: its examples beside their retraining check) and the Validation page of ``--run``, and
-writes assets/screenshot-{overview,test-point,validation}.png. Needs Debian's chromium and
+writes assets/screenshot-{overview,test-point,validation}.png (``--cleaning NAME``: only the Data cleaning
+page, to assets/screenshot-NAME.png, for a run with mislabel checks). Needs Debian's chromium and
 Playwright for Python (the test suite's browser setup; no browser download).
 """
 
@@ -43,11 +44,19 @@ def main() -> None:
     parser.add_argument("--scenario", help="fixed or updated (default: the explorer's first)")
     parser.add_argument("--test", type=int, help="test point of the Test point page (default: the first validated)")
     parser.add_argument("--out", default=str(REPO / "assets"))
+    parser.add_argument("--cleaning", metavar="NAME",
+                        help="instead, shoot only the Data cleaning page of --run (a run made with --clean or "
+                             "--label-noise) to assets/screenshot-NAME.png")
     args = parser.parse_args()
     manifest_path = Path(args.runs) / args.run / "manifest.json"
     if not manifest_path.is_file():
         raise SystemExit(f"error: {manifest_path} not found; make the run first (python -m precompute --preset demo)")
     manifest = json.loads(manifest_path.read_text())
+    if args.cleaning:
+        if not isinstance(manifest.get("cleaning"), dict):
+            raise SystemExit(f"error: {args.run} has no mislabel checks; make it with --clean or --label-noise")
+        shoot_cleaning(args)
+        return
     test = args.test if args.test is not None else manifest["validation_test_points"][0]
     out = Path(args.out)
     proc, url = serve_explorer(str(Path(args.runs).resolve()))
@@ -61,6 +70,20 @@ def main() -> None:
                   ".st-key-tp_evidence .js-plotly-plot .scatterlayer .point", out / "screenshot-test-point.png")
             shoot(browser.new_page(viewport={"width": 1440, "height": 1500}), f"{url}/validation?{query}",
                   ".js-plotly-plot .scatterlayer .point", out / "screenshot-validation.png")
+            browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
+def shoot_cleaning(args: argparse.Namespace) -> None:
+    """The Data cleaning page of ``args.run``, ranked by its default signal, to screenshot-<args.cleaning>.png."""
+    proc, url = serve_explorer(str(Path(args.runs).resolve()))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            query = f"run={args.run}" + (f"&scenario={args.scenario}" if args.scenario else "")
+            shoot(browser.new_page(viewport={"width": 1440, "height": 1700}), f"{url}/data-cleaning?{query}",
+                  "[data-testid='stImage'] img", Path(args.out) / f"screenshot-{args.cleaning}.png")
             browser.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

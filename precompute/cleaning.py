@@ -116,7 +116,29 @@ class CleaningResult:
         """For the manifest's "cleaning" key (the explorer's Data cleaning page reads it)."""
         return {"scenario": self.scenario, "signals": signal_columns(self.signals),
                 "suspect_test_ids": self.suspect_test_ids, "heldout_test_ids": self.heldout_test_ids,
-                "protocol": self.protocol, "timings_s": self.timings_s}
+                "protocol": self.protocol, "timings_s": self.timings_s, "best_cleaning": self.best_cleaning()}
+
+    def best_cleaning(self) -> dict:
+        """{scenario: {"percent", "signal", "accuracy", "none", "on"}}: at the smallest removal size, the
+        signal whose cleaning gave the highest finetune accuracy, on the held-out test points ("on":
+        "held-out") when there are any (the multi-stage signals saw the audit part's labels), else on
+        the whole test set; "none": the same accuracy with nothing removed."""
+        table = self.retrain
+        if table is None or table.empty:
+            return {}
+        column, on = (("heldout_accuracy", "held-out") if table["heldout_accuracy"].notna().all()
+                      else ("test_accuracy", "whole test set"))
+        out = {}
+        for scenario, rows in table.groupby("scenario", sort=False):
+            signals = rows[rows.signal.isin(signal_columns(self.signals))]
+            none = rows[rows.signal == "none"]
+            if signals.empty or none.empty:
+                continue
+            smallest = signals[signals.percent == signals.percent.min()]
+            best = smallest.loc[smallest[column].idxmax()]
+            out[str(scenario)] = {"percent": float(best.percent), "signal": str(best.signal),
+                                  "accuracy": float(best[column]), "none": float(none[column].iloc[0]), "on": on}
+        return out
 
 
 # ---- per-example quantities ----------------------------------------------------------------------
@@ -393,7 +415,8 @@ def clean_and_retrain(task: TwoStageTask, trained: TrainedStages, signals: pd.Da
 
 def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray | None,
                  config: InfluenceConfig, cleaning: CleaningConfig = CleaningConfig(),
-                 progress: bool = False, train: TrainConfig | None = None) -> CleaningResult:
+                 progress: bool = False, train: TrainConfig | None = None,
+                 solver: InverseHVP | None = None) -> CleaningResult:
     """Signals, detection metrics and clean-and-retrain for one trained chain.
 
     flipped: bool [m] ground truth of injected label noise (``TaskData.flipped``), or None (then
@@ -402,7 +425,8 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     ``cleaning.scenario`` (the whole audit part if none is). Write ``result.signals`` to
     ``cleaning/signals.parquet``, ``result.retrain`` to ``cleaning/retrain.parquet`` and
     ``result.detection`` to the manifest's ``mislabel_detection``. ``train``: the configuration the chain
-    was trained with, needed when its pretraining was minibatch (``retrained_from_scratch``).
+    was trained with, needed when its pretraining was minibatch (``retrained_from_scratch``); ``solver``: the
+    pretraining solver the influence step already fitted at p* (else one is built from ``config``).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -418,7 +442,7 @@ def run_cleaning(task: TwoStageTask, trained: TrainedStages, flipped: np.ndarray
     audit, heldout = audit_split(len(task.test_x), cleaning.audit_fraction, cleaning.seed)
     misclassified = np.intersect1d(misclassified_test_ids(task, trained.q(scenario)), audit)
     suspects = misclassified if len(misclassified) else audit
-    solver = pretrain_solver(task, trained.p, config.pretrain_solver, hessians=trained.hessians)
+    solver = solver or pretrain_solver(task, trained.p, config.pretrain_solver, hessians=trained.hessians)
     vectors = suspect_test_vectors(task, trained, scenario, suspects.tolist(), config, solver)
     scores = suspect_scores(task, trained.p, vectors, config.chunk_size)
     scratch = retrained_from_scratch(trained)

@@ -178,8 +178,28 @@ class RunSummary:
                 out.append(f"  warning: {stage} stopped before a certified minimum (‖∇‖ = {result['grad_norm']:.1e}, "
                            f"λ_min = {'n/a' if eig is None else f'{eig:.1e}'}); the damped scores answer the "
                            "proximal question, not leave-one-out: raise --train-iters")
+        out += self.cleaning_lines()
         out.append("  time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items())
                    + (f" ({m['world_size']} ranks)" if m.get("world_size", 1) > 1 else ""))
+        return out
+
+
+    def cleaning_lines(self) -> list[str]:
+        """The mislabel checks, when the run has them: recall of the flipped labels per signal (injected noise
+        only) and, per scenario, finetune accuracy with nothing removed against the best cleaning."""
+        m = self.manifest
+        if not isinstance(m.get("cleaning"), dict):
+            return []
+        out = [f"  mislabel signals: {len(m['cleaning'].get('signals', []))} per pretraining example in "
+               "cleaning/signals.parquet (Data cleaning page)"]
+        detection = {k: v for k, v in (m.get("mislabel_detection") or {}).items() if "auc" in v}
+        if detection:
+            out.append("  flipped labels found in the top 2% / 5%: " + ", ".join(
+                f"{name} {v.get('recall_top_2', float('nan')):.2f} / {v.get('recall_top_5', float('nan')):.2f}"
+                for name, v in sorted(detection.items(), key=lambda kv: -kv[1].get("recall_top_5", 0))))
+        for s, best in (m["cleaning"].get("best_cleaning") or {}).items():
+            out.append(f"  {s:8} cleaning {best['percent']:g}%: finetune accuracy ({best['on']}) {best['none']:.3f} "
+                       f"with nothing removed, {best['accuracy']:.3f} after removing the top of {best['signal']}")
         return out
 
 
@@ -222,7 +242,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunSummary:
                 if main:
                     evidence = validation_evidence(task, trained, scores, test_ids, config, timer, progress,
                                                    influence.solver)
-                    evidence = cleaning_evidence(evidence, data, task, trained, config, timer, progress)
+                    evidence = cleaning_evidence(evidence, data, task, trained, config, timer, progress,
+                                                 influence.solver)
                     with timer.step("write files"):
                         manifest = write_run(writer, data, task, trained, scores, influence.diagnostics, preds,
                                              test_ids, replace(evidence, agreement=agreement or None), config,
@@ -360,16 +381,17 @@ def validation_evidence(task: TwoStageTask, trained: TrainedStages, scores: dict
 
 
 def cleaning_evidence(evidence: Evidence, data: TaskData, task: TwoStageTask, trained: TrainedStages,
-                      config: RunConfig, timer: Timer, progress: bool) -> Evidence:
+                      config: RunConfig, timer: Timer, progress: bool, solver: InverseHVP | None = None) -> Evidence:
     """``evidence`` with the mislabel signals and clean-and-retrain added (``precompute.cleaning``), when
-    ``config.clean`` is set or labels were flipped on purpose; else ``evidence`` unchanged."""
+    ``config.clean`` is set or labels were flipped on purpose; else ``evidence`` unchanged. ``solver``: the
+    influence step's pretraining solver, reused (its factorisation or factors are not fitted twice)."""
     if not (config.clean or data.flipped is not None):
         return evidence
     from .cleaning import run_cleaning
 
     with timer.step("cleaning"):
         cleaning = run_cleaning(task, trained, data.flipped, config.influence, config.cleaning, progress,
-                                config.train)
+                                config.train, solver)
     return replace(evidence, tables={**evidence.tables, "cleaning/signals.parquet": cleaning.signals,
                                      "cleaning/retrain.parquet": cleaning.retrain},
                    mislabel_detection=cleaning.detection, cleaning=cleaning.manifest_info())

@@ -94,7 +94,8 @@ def test_auc_and_recall_against_brute_force():
     assert list(top_fraction(s, 20)) == [0, 3]
     assert recall_at(s, pos, 20) == 0.5 and recall_at(s, pos, 30) == 1.0 and recall_at(s, pos, 5) == 0.5
     metrics = detection_metrics(pd.DataFrame({"id": np.arange(10), "a": s, "suggested_label": 0}), pos)
-    assert set(metrics) == {"a"} and set(metrics["a"]) == {"auc", "recall_top_5", "recall_top_10", "recall_top_20"}
+    assert set(metrics) == {"a"} and set(metrics["a"]) == {"auc", "recall_top_2", "recall_top_5", "recall_top_10",
+                                                            "recall_top_20"}
 
 
 def test_top20_harmful_statistic():

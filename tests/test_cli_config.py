@@ -163,11 +163,13 @@ def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_
     assert mine.train.grad_tol == TrainConfig().grad_tol          # float64 keeps the float64 tolerances
 
 
-def test_fashion_all_refuses_the_mislabel_checks_in_one_line_before_any_data(tmp_path, capsys):
-    from precompute.cli import main
+def test_fashion_all_cleans_with_one_removal_size_full_and_quick():
+    """Each clean-and-retrain row of fashion-all trains the chain again, so it keeps one size (2%)."""
+    from precompute.presets import FASHION_ALL_CLEAN_PERCENTS
 
-    for flags in (["--clean"], ["--label-noise", "0.05"]):
-        code = main(["--preset", "fashion-all", *flags, "--out", str(tmp_path / "run")])
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and len(err.splitlines()) == 1 and "fashion-all" in err and "--preset fashion" in err
-        assert not (tmp_path / "run").exists()
+    for quick in ([], ["--quick"]):
+        config = config_from_args(build_parser().parse_args(["--preset", "fashion-all", "--label-noise", "0.05",
+                                                             *quick]), "fashion-all", "r")
+        assert config.cleaning.percents == FASHION_ALL_CLEAN_PERCENTS == (2.0,)
+    digits = config_from_args(build_parser().parse_args(["--preset", "digits", "--quick"]), "digits", "r")
+    assert digits.cleaning.percents == (5.0, 10.0)
