@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--cleaning", metavar="NAME",
                         help="instead, shoot only the Data cleaning page of --run (a run made with --clean or "
                              "--label-noise) to assets/screenshot-NAME.png")
+    parser.add_argument("--rank", help="with --cleaning: the signal the page ranks by (default: the page's own)")
     args = parser.parse_args()
     manifest_path = Path(args.runs) / args.run / "manifest.json"
     if not manifest_path.is_file():
@@ -81,7 +82,8 @@ def shoot_cleaning(args: argparse.Namespace) -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            query = f"run={args.run}" + (f"&scenario={args.scenario}" if args.scenario else "")
+            query = f"run={args.run}" + (f"&scenario={args.scenario}" if args.scenario else "") + (
+                f"&rank={args.rank}" if args.rank else "")
             shoot(browser.new_page(viewport={"width": 1440, "height": 1700}), f"{url}/data-cleaning?{query}",
                   "[data-testid='stImage'] img", Path(args.out) / f"screenshot-{args.cleaning}.png")
             browser.close()

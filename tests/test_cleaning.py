@@ -183,6 +183,31 @@ def test_clean_and_retrain_table_and_oracle(cleaned):
         assert np.isfinite(rows["heldout_accuracy"]).all()
 
 
+def test_best_cleaning_and_the_run_summary_lines(cleaned, tmp_path):
+    """The manifest's best_cleaning is the argmax over the signals' rows at the smallest size (brute force over
+    the table), and the run summary prints it with the recall at 2% / 5%."""
+    from precompute.pipeline import RunSummary
+
+    *_, result = cleaned
+    info = result.manifest_info()
+    r = result.retrain
+    smallest = r.percent[r.percent > 0].min()
+    for scenario in r.scenario.unique():
+        rows = r[(r.scenario == scenario) & (r.percent == smallest) & r.signal.isin(SIGNALS)]
+        top = max(rows.itertuples(), key=lambda row: row.heldout_accuracy)
+        best = info["best_cleaning"][scenario]
+        assert best["on"] == "held-out" and best["percent"] == smallest
+        assert best["accuracy"] == top.heldout_accuracy and best["signal"] in set(
+            rows.signal[rows.heldout_accuracy == top.heldout_accuracy])
+        assert best["none"] == r[(r.scenario == scenario) & (r.signal == "none")].heldout_accuracy.iloc[0]
+    lines = RunSummary(tmp_path, {"cleaning": info, "mislabel_detection": result.detection}).cleaning_lines()
+    assert "6 per pretraining example" in lines[0]
+    recall = result.detection["pretrain_loss"]
+    assert f"pretrain_loss {recall['recall_top_2']:.2f} / {recall['recall_top_5']:.2f}" in lines[1]
+    assert sum(f"cleaning {smallest:g}%" in line for line in lines) == len(info["best_cleaning"]) == 2
+    assert RunSummary(tmp_path, {}).cleaning_lines() == []
+
+
 def test_random_removal_does_not_reuse_the_label_noise_stream():
     labels = np.repeat(np.arange(3), 100)
     _, flipped = flip_labels(labels, 0.1, 3, seed=0)
