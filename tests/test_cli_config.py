@@ -130,7 +130,7 @@ def test_full_fashion_is_the_dense_cnn_at_5000_with_a_subsample_polish_and_flags
     config = config_from_args(build_parser().parse_args([]), "fashion", "runs/x")
     assert fashion_cnn_params(config.model.hidden, config.model.channels) == 1989     # within the exact solver
     assert FULL_CAPS["fashion"][0] * 5 == 5000 and config.train.newton_subsample == 1000
-    assert not config.validation.per_model_hessians and config.validation.group_percents == (1.0, 5.0)
+    assert not config.validation.per_model_hessians and config.validation.group_percents == (1.0,)
     assert config == full_config(config)                       # one transform, applied once
     flags = ["--val-points", "8", "--k", "8", "--group-percents", "1,2,5"]
     mine = config_from_args(build_parser().parse_args(flags), "fashion", "runs/x")

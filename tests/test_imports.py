@@ -35,7 +35,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("solvers", "lowrank", "certificate", "ekfac", "solver_registry", "training"),   # solves, training
     ("scoring", "influence"),                    # the one influence path
     ("multistage",),                             # the user façade
-    ("retraining", "validation", "baselines", "cleaning", "fd_check", "guards", "agreement"),   # ground truth, checks
+    ("retraining", "scratch_retraining", "validation", "baselines", "cleaning", "fd_check", "guards", "agreement"),   # ground truth, checks
     ("presets", "pipeline", "cli", "__init__", "__main__"),
 )
 

@@ -64,7 +64,8 @@ st.markdown("## Which pretraining labels look wrong?")
 st.markdown(
     "Pretraining examples ranked from most to least suspicious. Flag the ones whose label is wrong and "
     "export them. Every signal is oriented so that **higher = more suspicious**; *suggested* is the label "
-    "the pretraining model predicts for the example."
+    + ("models trained without the example predict (cleanlab's out-of-fold probabilities)." if signals else
+       "the pretraining model predicts for the example.")
 )
 
 
