@@ -159,9 +159,9 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     minutes (the full fashion preset, and fashion-all's pcg check, on a CPU), saying what to run instead;
     None otherwise."""
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
-        return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) runs "
-                "well over half an hour on 2 CPU cores (pretraining about 18 minutes, then a dense Hessian of about "
-                "13, one run: docs/evidence.md); --quick takes about 6 minutes, "
+        return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) trains for "
+                "32-44 minutes on 2 CPU cores, and its retraining check takes about two and a half hours more "
+                "(docs/evidence.md; --no-validate skips it); --quick takes about 6 minutes, "
                 "and --device cuda runs the full size faster")
     if config.data.preset == "fashion-all" and not config.quick and device_type == "cpu" \
             and config.influence.agreement_solver:
