@@ -39,7 +39,9 @@ finetune task, not only wrong labels: at a 2% budget they raise held-out accurac
 ``run_cleaning`` is the one entry point for the pipeline: signals, detection metrics against the
 injected noise, and clean-and-retrain (remove the top x% of each signal, retrain both stages warm-
 started, measure the finetune test accuracy and loss), written to ``cleaning/signals.parquet``,
-``cleaning/retrain.parquet`` and the manifest's ``mislabel_detection``.
+``cleaning/retrain.parquet`` and the manifest's ``mislabel_detection``. A chain whose pretraining was
+minibatch Adam (fashion-all; ``retrained_from_scratch``) is retrained by repeating that training instead
+(``precompute.scratch_retraining``), for the cleanlab folds and for clean-and-retrain alike.
 """
 
 from __future__ import annotations
