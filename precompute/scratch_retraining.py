@@ -68,8 +68,7 @@ def retrain_chains(task: TwoStageTask, config: TrainConfig, trained: TrainedStag
     for row in weights:
         out.append(retrain_chain(task, config, trained, row, scenarios))
         bar.update(1)
-    bar.close(f"{len(out)} chains retrained (minibatch pretraining repeated, finetunes certified: "
-              f"{sum(all(c.certified.values()) for c in out)}/{len(out)})")
+    bar.close(f"finetunes certified in {sum(all(c.certified.values()) for c in out)} of them")
     return out
 
 
@@ -97,7 +96,7 @@ def out_of_fold_probabilities(task: TwoStageTask, config: TrainConfig, fold: np.
             probs = np.empty((task.m, fold_probs.shape[1]))
         probs[held] = fold_probs
         bar.update(1)
-    bar.close(f"{folds} folds")
+    bar.close()
     return probs
 
 
