@@ -114,12 +114,14 @@ def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, d
 
 def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor], Tensor], b: int, dim: int,
                     dtype: torch.dtype, device: torch.device, steps: int = INERTIA_STEPS, seed: int = 0,
-                    return_vectors: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                    return_vectors: bool = False,
+                    on_step: Callable[[int, int], object] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """[B] smallest eigenvalue estimates of A_b = S H_b S, S = M^{-1/2} (``inv_sqrt``: rows [B, D] -> S rows),
     with ``hvp``: rows [B, D] -> H_b rows. A_b has the inertia of H_b (Sylvester), so its sign is the
     sign of λ_min(H_b); A_b = I exactly when H_b = M. Batched Lanczos with full reorthogonalisation.
     ``return_vectors``: also [B, D] unit directions S y_b (y_b the Ritz vector): where the value is
-    negative, H_b has negative curvature along it (a way off the saddle)."""
+    negative, H_b has negative curvature along it (a way off the saddle). ``on_step(j, steps)`` after
+    each Krylov step (one batched Hessian product each): progress."""
     steps = max(1, min(steps, dim))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
@@ -130,6 +132,8 @@ def batched_inertia(hvp: Callable[[Tensor], Tensor], inv_sqrt: Callable[[Tensor]
         basis[:, j] = q
         w = inv_sqrt(hvp(inv_sqrt(q)))
         tri[:, j, j] = (w * q).sum(1).double()
+        if on_step is not None:
+            on_step(j + 1, steps)
         for _ in range(2):
             w = w - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", basis[:, : j + 1], w), basis[:, : j + 1])
         if j == steps - 1:

@@ -366,22 +366,27 @@ class Retrainer:
                         for k in ("pretrain", *self.scenarios)}
 
     def run(self, weights: Tensor, tol: float, max_iter: int,
-            on_iter: Callable[[str, int, Tensor], object] | None = None, per_model: bool = True) -> RetrainResult:
+            on_iter: Callable[[str, int, Tensor], object] | None = None, per_model: bool = True,
+            on_certify: Callable[[str, int, int], object] | None = None) -> RetrainResult:
         """Retrains both stages for every row of weights [B, m], all rows at once.
 
-        ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration (progress)."""
+        ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration and
+        ``on_certify(stage, step, steps)`` after every Lanczos step of the certificates (progress)."""
         nt, b = self.task.n_theta, len(weights)
         fits, built, eig_min = {}, {}, {}
         hook = (lambda stage: None) if on_iter is None else (lambda stage: lambda it, gn: on_iter(stage, it, gn))
+        check = (lambda stage: None) if on_certify is None else (lambda stage: lambda j, n: on_certify(stage, j, n))
         fit, built["pretrain"] = solve_stage(
             self.objectives["pretrain"], self.start["pretrain"].expand(b, -1), weights, self.precond["pretrain"],
             tol, max_iter, "pretraining", hook("pretraining"), per_model)
-        fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter, per_model)
+        fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter, per_model,
+                                                                   hook("pretraining"), check("pretraining"))
         theta = fits["pretrain"].params[:, :nt]
         for s in self.scenarios:
+            stage = f"finetuning ({s})"
             fit, built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
-                                        tol, max_iter, f"finetuning ({s})", hook(f"finetuning ({s})"), per_model)
-            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter, per_model)
+                                        tol, max_iter, stage, hook(stage), per_model)
+            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter, per_model, hook(stage), check(stage))
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
@@ -390,16 +395,27 @@ class Retrainer:
                              built, p_linear=start - self.precond["pretrain"](g0, None), eig_min=eig_min,
                              stalled={k: f.stalled for k, f in fits.items()})
 
-    def certify_stage(self, stage: str, fit: StageFit, data: Tensor, tol: float,
-                      max_iter: int, per_model: bool = True) -> tuple[StageFit, Tensor]:
+    def certify_stage(self, stage: str, fit: StageFit, data: Tensor, tol: float, max_iter: int,
+                      per_model: bool = True, on_iter: OnIteration | None = None,
+                      on_certify: Callable[[int, int], object] | None = None) -> tuple[StageFit, Tensor]:
         """(fit, [B] λ_min estimates) after stepping models that ended beside a saddle off it.
 
         A retrained model whose Hessian has negative curvature (``inertia``) is not at a minimum, even
         with ‖∇‖ ≤ tol: it steps along that direction (both signs, the lower kept, ``escape_saddles``)
-        and is retrained from there (up to ``max_iter`` more steps), at most ``MAX_ESCAPES`` times."""
+        and is retrained from there (up to ``max_iter`` more steps), at most ``MAX_ESCAPES`` times.
+        Only models that converged or stalled are checked: one still descending at the iteration cap
+        does not count whatever its curvature, and its check (``INERTIA_STEPS`` full-batch Hessian
+        products) plus up to ``MAX_ESCAPES`` × ``max_iter`` more steps would cost more than its
+        retraining did (its estimate stays NaN, its reason "iteration cap").
+        ``on_iter`` / ``on_certify(step, steps)``: progress of the re-solves and of the Lanczos steps."""
         x, gnorm, conv = fit.params.clone(), fit.grad_norm.clone(), fit.converged.clone()
         stalled = fit.stalled.clone() if fit.stalled is not None else torch.zeros_like(conv)
-        eig, direction = self.inertia(stage, x, data, vectors=True)
+        eig = torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
+        direction = torch.zeros_like(x)
+        checked = (conv | stalled).nonzero()[:, 0]
+        if checked.numel():
+            eig[checked], direction[checked] = self.inertia(stage, x[checked], data[checked], vectors=True,
+                                                            on_step=on_certify)
         for _ in range(MAX_ESCAPES):
             lost = negative_curvature(eig).nonzero()[:, 0]
             if lost.numel() == 0:
@@ -408,14 +424,25 @@ class Retrainer:
             if not bool(moved.any()):
                 break
             rows = lost[moved]
+
+            def merged(it: int, gn: Tensor, rows=rows) -> None:
+                every = gnorm.clone()
+                every[rows] = gn
+                on_iter(it, every)
+
             sub, _ = solve_stage(self.objectives[stage], moved_x[moved], data[rows], self.precond[stage], tol,
-                                 max_iter, stage, per_model=per_model)
+                                 max_iter, stage, merged if on_iter is not None else None, per_model)
             x[rows], gnorm[rows], conv[rows] = sub.params, sub.grad_norm, sub.converged
             stalled[rows] = sub.stalled
-            eig[rows], direction[rows] = self.inertia(stage, x[rows], data[rows], vectors=True)
+            again = rows[sub.converged | sub.stalled]
+            eig[rows], direction[rows] = float("nan"), 0.0
+            if again.numel():
+                eig[again], direction[again] = self.inertia(stage, x[again], data[again], vectors=True,
+                                                            on_step=on_certify)
         return StageFit(x, gnorm, conv, fit.iterations, stalled), eig
 
-    def inertia(self, stage: str, x: Tensor, data: Tensor, vectors: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def inertia(self, stage: str, x: Tensor, data: Tensor, vectors: bool = False,
+                on_step: Callable[[int, int], object] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """[B] sign-faithful λ_min estimates of each retrained model's Hessian in ``stage``
         (``certificate.batched_inertia`` against the stage's shared dense M); NaN with a low-rank M.
         ``vectors``: also [B, D] directions of that curvature (negative where the estimate is)."""
@@ -430,7 +457,7 @@ class Retrainer:
             return vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])(x, data, v)
 
         return batched_inertia(hvp_rows, lambda rows: ((rows @ vecs) * scale) @ vecs.T, len(x), x.shape[1],
-                               x.dtype, x.device, return_vectors=vectors)
+                               x.dtype, x.device, return_vectors=vectors, on_step=on_step)
 
 
 def escape_saddles(objective: BatchedObjective, x: Tensor, data: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
@@ -484,8 +511,12 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
             bar.set_note(f"models {i + 1}-{i + b} of {len(weights)} (chunk {c + 1}/{n_chunks}), {stage}: "
                          f"iteration {it}, {done}/{b} converged, largest ‖∇‖ {float(gn.max()):.1e}")
 
+        def on_certify(stage: str, step: int, steps: int, c=c, i=i, b=len(chunk)) -> None:
+            bar.set_note(f"models {i + 1}-{i + b} of {len(weights)} (chunk {c + 1}/{n_chunks}), {stage}: "
+                         f"certifying the retrained minima, Lanczos step {step}/{steps}")
+
         parts.append(retrainer.run(chunk, config.retrain_tol, config.retrain_max_iter, on_iter,
-                                   config.per_model_hessians))
+                                   config.per_model_hessians, on_certify))
         bar.update((i + len(chunk)) * len(stages) - bar.n)
     bar.close()
     keys = ["pretrain", *retrainer.scenarios]

@@ -85,3 +85,29 @@ def test_escape_saddles_steps_each_model_downhill_along_its_negative_curvature()
     assert moved.tolist() == [True, True, False]                     # the third sits at a minimum already
     values = torch.stack([objective(o, s) for o, s in zip(out, shifts)])
     assert (values[:2] < -0.5).all() and torch.equal(out[2], x[2])
+
+
+def test_certify_stage_escapes_a_converged_saddle_and_leaves_a_capped_model_unchecked():
+    """Retrained models that converged are checked (and stepped off a saddle, then retrained to the next
+    minimum); one still descending at the iteration cap counts for nothing, so it is not checked (NaN)."""
+    from precompute.retraining import Preconditioner, Retrainer, StageFit
+
+    def objective(x, shift):                     # saddle at (shift, 0), minima at (shift, ±√2): λ_min +2 there
+        return (x[0] - shift) ** 2 - x[1] ** 2 + x[1] ** 4 / 4
+
+    retrainer = Retrainer.__new__(Retrainer)     # the stage machinery alone, without a two-stage task
+    retrainer.objectives = {"pretrain": objective}
+    retrainer.precond = {"pretrain": Preconditioner(torch.eye(2, dtype=torch.float64),
+                                                    torch.full((2,), 0.5, dtype=torch.float64))}
+    x = torch.tensor([[0.0, 0.0], [1.0, 2.0 ** 0.5], [0.3, 0.7]], dtype=torch.float64)
+    shifts = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    grad_norm = torch.stack([torch.func.grad(objective)(a, s).norm() for a, s in zip(x, shifts)])
+    fit = StageFit(x, grad_norm, grad_norm <= 1e-10, 100, torch.zeros(3, dtype=torch.bool))
+    assert fit.converged.tolist() == [True, True, False]
+    steps = []
+    out, eig = retrainer.certify_stage("pretrain", fit, shifts, tol=1e-10, max_iter=50,
+                                       on_certify=lambda j, n: steps.append((j, n)))
+    assert out.converged[:2].all() and abs(abs(float(out.params[0, 1])) - 2.0 ** 0.5) < 1e-8
+    assert (eig[:2] > 0).all()                                       # the saddle's model now at a minimum
+    assert torch.isnan(eig[2]) and torch.equal(out.params[2], x[2]) and not bool(out.converged[2])
+    assert steps and all(n == 2 for _, n in steps)                   # Lanczos progress: step j of 2 (D = 2)
