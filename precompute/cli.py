@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dress/sneaker/bag (slow on a CPU: see docs/performance.md); fashion-all: every one of "
                         "the 30,000 pretraining garments, a 54,693-parameter CNN in float32, minibatch pretraining, "
                         "ekfac scores checked against pcg (no retraining); custom: your files (--pretrain-data); "
-                        "demo: digits and news into the runs root (default)")
+                        "demo: fashion (quick; digits where Fashion-MNIST is not installed), news and digits-noisy into the runs root (default)")
     g.add_argument("--out", help="run directory to write (default runs/<preset>); for demo, the runs root "
                                  "(default runs)")
     g.add_argument("--overwrite", **option("overwrite"))
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float64", "float32"), **option("dtype"))
     g.add_argument("--seed", **option("seed"))
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 2 for fashion, whose CNN's Hessian products run "
+                   help="torch CPU threads (default: 2 for fashion and fashion-all, whose CNN's Hessian products run "
                         "1.75x faster on 2 threads; 1 for the other presets, whose models are small, so "
                         "more threads only spin-wait; at most the machine's cores)")
 

@@ -181,13 +181,13 @@ FULL_FASHION_GROUPS = (1.0,)
 """Group removal sizes of full fashion. 5% (250 garments) was dropped: those retrainings start at ‖∇‖ 0.62 and
 2 of 42 models had converged after 36 of the 100 shared-preconditioner steps (each step a full-batch gradient
 per model); a group that does not converge is left out of the group figures, so they cost half an hour for
-nothing. Per-model Hessians (13 minutes each at m = 5,000) are out of reach."""
+nothing. Per-model Hessians (about 14 minutes each at m = 5,000) are out of reach."""
 
 
 def full_config(config: RunConfig) -> RunConfig:
     """The full-size run of a preset where it differs from the dataclasses' defaults: fashion (m = 5,000)
     polishes with a subsample's Hessian (``FULL_FASHION_SUBSAMPLE``) and retrains with the one shared dense
-    Hessian (a per-model one costs about 13 minutes) on 4 validation points, 4 removals per kind, groups of 1%
+    Hessian (a per-model one costs about 14 minutes) on 4 validation points, 4 removals per kind, groups of 1%
     (``FULL_FASHION_GROUPS``). L-BFGS keeps its 1e-5 hand-over: at 1e-3 (500-960 iterations) the CNN is still far from a
     minimum (the subsample's Hessian had λ_min −0.14 against λ_max 55 there; docs/evidence.md)."""
     if config.data.preset == "fashion-all":
@@ -252,7 +252,7 @@ slid far from the trained minimum (‖∇‖ 1.6e-2)."""
 
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI
-    (digits and news well under a minute, fashion about 4 minutes on 2 CPU cores). Per-class caps on both
+    (digits and news well under a minute, fashion 5-6.5 minutes on 2 CPU cores). Per-class caps on both
     tasks (``QUICK_CAPS``, where no cap is set), the smaller fashion CNN (``QUICK_MODELS``), 6 scored
     test points, a 3-point retraining check and 3-fold cleaning."""
     if config.data.preset == "fashion-all":

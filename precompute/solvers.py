@@ -6,7 +6,7 @@ only a batched Hessian-vector product ``hvp: [D, k] -> [D, k]`` (H symmetric, wi
     exact    dense H from D HVPs, eigendecomposition; exact, O(D²) memory. Tests and small models.
     cg       conjugate gradient, all k right-hand sides at once; exact up to ``tol``; needs H + λI
              positive definite (stops with an error on negative curvature).
-    lissa    Neumann series x ← b/s + (I − (H+λI)/s) x with s from power iteration on H; simple but
+    lissa    Neumann series x ← b/s + (I − (H+λI)/s) x with s from a Lanczos estimate of H's spectrum; simple but
              slow when H is ill-conditioned; guards against divergence.
     arnoldi  rank-r eigendecomposition from a Krylov (Lanczos/Arnoldi) run, computed once and reused
              for every right-hand side; approximate outside the top-r subspace.
