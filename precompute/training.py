@@ -130,7 +130,9 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         bar.set_note(f"certifying the minimum ({'dense Hessian' if dense else 'Lanczos'}, {x.numel()} parameters)")
         certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params,
                                       None if shared is None else shared(x),
-                                      gradient=lambda xx: _gradient(objective, xx))
+                                      gradient=lambda xx: _gradient(objective, xx),
+                                      on_columns=lambda a, b, n: bar.set_note(
+                                          f"certifying the minimum: dense Hessian, columns {a}-{b} of {n}"))
         if certificate.certified:
             break
         if certificate.eig_min < 0 and escaped[0] < config.max_escapes:
