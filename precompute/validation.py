@@ -25,7 +25,7 @@ from .config import ValidationConfig
 from .contract import GROUP_COLUMNS
 from .contract import PAIRS_CERTIFICATE_COLUMNS, PAIRS_COLUMNS as PAIR_COLUMNS
 from .metrics import fit_summary, pearson, spearman
-from .retraining import HISTORY, MAX_HALVINGS, RetrainResult, retrain
+from .retraining import HISTORY, MAX_HALVINGS, REFRESH_ITERS, SHARED_ITERS, RetrainResult, retrain
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -273,6 +273,10 @@ def _protocol(config: ValidationConfig, m: int, n_val: int, k: int) -> str:
     lds = (f" Linear datamodeling score: {config.lds_subsets} random subsets each keeping "
            f"{config.lds_fraction:.0%} of the pretraining set; per test point, Spearman between the sum of the "
            "scores of the removed examples and the actual loss change." if config.lds else "")
+    stragglers = (f"Models still above the tolerance after {SHARED_ITERS} steps get a dense Hessian of their own at "
+                  f"their current point (refreshed every {REFRESH_ITERS} steps). " if config.per_model_hessians and
+                  config.retrain_max_iter > SHARED_ITERS else
+                  "Every step uses the shared preconditioner (no per-model Hessians). ")
     return (
         f"Ground truth by actual retraining on the first {n_val} scored test points. A pretraining example is "
         f"removed by setting its weight to 0 while the objective's denominator stays m = {m}, the objective "
@@ -285,8 +289,9 @@ def _protocol(config: ValidationConfig, m: int, n_val: int, k: int) -> str:
         "factorisation of it plus its bulk curvature, precompute.lowrank, and no per-model Hessians), with a per-model backtracking line search (step halved up to "
         f"{MAX_HALVINGS} times until the objective decreases). A retraining counts as converged when the gradient "
         f"norm of every stage is at most {config.retrain_tol:g} within {config.retrain_max_iter} iterations; "
-        "non-converged pairs are flagged and left out of the correlations. Models still above the tolerance "
-        "after 100 steps get a dense Hessian of their own at their current point (refreshed every 25 steps). "
+        "non-converged pairs are flagged and left out of the correlations. " + stragglers +
+        "Only models that converged (or stalled) are checked for negative curvature (batched Lanczos against "
+        "the shared Hessian) and, at a saddle, stepped off it and retrained. "
         "A model with no removal is retrained the same way and actual changes are measured against it, so "
         "optimiser bias cancels. A removal 'left the basin' when its pretraining parameter change is over 3 "
         "times longer than the linearised change (one Newton step at the trained optimum) or at a cosine below "
