@@ -252,7 +252,7 @@ slid far from the trained minimum (‖∇‖ 1.6e-2)."""
 
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI
-    (digits and news well under a minute, fashion 5-6.5 minutes on 2 CPU cores). Per-class caps on both
+    (digits and news well under a minute, fashion 5-9 minutes on 2 CPU cores, by CPU). Per-class caps on both
     tasks (``QUICK_CAPS``, where no cap is set), the smaller fashion CNN (``QUICK_MODELS``), 6 scored
     test points, a 3-point retraining check and 3-fold cleaning."""
     if config.data.preset == "fashion-all":
