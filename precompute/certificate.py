@@ -96,15 +96,8 @@ def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_m
     ``on_columns(first, last, D)`` before each block of the dense build (progress: minutes on a CNN)."""
     hvp = batched_hvp(objective, x)
     if x.numel() <= dense_max:
-        done = [0]
-
-        def counted(v: Tensor) -> Tensor:
-            if on_columns is not None:
-                on_columns(done[0] + 1, done[0] + v.shape[1], x.numel())
-            done[0] += v.shape[1]
-            return hvp(v)
-
-        evals, evecs = torch.linalg.eigh(dense_hessian(counted, x.numel(), x.dtype, x.device, shared=shared))
+        hessian = dense_hessian(hvp, x.numel(), x.dtype, x.device, shared=shared, on_columns=on_columns)
+        evals, evecs = torch.linalg.eigh(hessian)
         return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
     value, vector, largest = lanczos_extremes(hvp, x)
     return value, vector, "lanczos", largest

@@ -49,16 +49,23 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
 
 
 def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.device | str,
-                  block: int = 256, shared: SharedHessian | None = None) -> Tensor:
+                  block: int = 256, shared: SharedHessian | None = None,
+                  on_columns: Callable[[int, int, int], object] | None = None) -> Tensor:
     """The symmetric [dim, dim] matrix of ``hvp``, from ``dim`` products in blocks of ``block``.
 
     ``shared`` names the matrix in a ``HessianStore`` (a trained chain's): built once there, then
     returned to the training certificate, the influence solve and the retraining preconditioner at
-    the same point (``dim`` products each otherwise)."""
+    the same point (``dim`` products each otherwise). ``on_columns(first, last, dim)`` before each
+    block (progress: the build takes minutes on a CNN)."""
     if shared is not None and (kept := shared.store.lookup(shared.key)) is not None:
         return kept
     eye = torch.eye(dim, dtype=dtype, device=device)
-    h = torch.cat([hvp(eye[:, i: i + block]) for i in range(0, dim, block)], dim=1)
+    blocks = []
+    for i in range(0, dim, block):
+        if on_columns is not None:
+            on_columns(i + 1, min(i + block, dim), dim)
+        blocks.append(hvp(eye[:, i: i + block]))
+    h = torch.cat(blocks, dim=1)
     h = 0.5 * (h + h.T)
     if shared is not None:
         shared.store.keep(shared.key, h)

@@ -232,17 +232,13 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     saddles = 0               # reported: stepping off a saddle makes ‖∇‖ rise for a while, on purpose
     for step in range(steps):
         g = _gradient(objective, x)
-        hvp, done = batched_hvp(objective if approximate is None else approximate, x, rhs_block=256), [0]
+        hvp = batched_hvp(objective if approximate is None else approximate, x, rhs_block=256)
 
-        def counted(v: Tensor, step=step, gnorm=float(g.norm()), saddles=saddles) -> Tensor:
-            if on_note is not None:
-                escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
-                on_note(f"Newton polish {step + 1}{escaped} at ‖∇‖ {gnorm:.1e}: Hessian columns "
-                        f"{done[0] + 1}-{done[0] + v.shape[1]} of {dim}")
-            done[0] += v.shape[1]
-            return hvp(v)
+        def columns(first: int, last: int, total: int, step=step, gnorm=float(g.norm()), saddles=saddles) -> None:
+            escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
+            on_note(f"Newton polish {step + 1}{escaped} at ‖∇‖ {gnorm:.1e}: Hessian columns {first}-{last} of {total}")
 
-        hessian = dense_hessian(counted, dim, x.dtype, x.device)
+        hessian = dense_hessian(hvp, dim, x.dtype, x.device, on_columns=columns if on_note is not None else None)
         evals, evecs = torch.linalg.eigh(hessian)
         del hessian
         floor = (1e-10 if approximate is None else APPROXIMATE_FLOOR) * float(evals.abs().max())

@@ -161,12 +161,12 @@ def test_a_run_shares_each_stage_hessian_once_and_releases_them(tmp_path, monkey
     builds, stores = [], set()
     keyed = curvature.dense_hessian
 
-    def spy(hvp, dim, dtype, device, block=256, shared=None):
+    def spy(hvp, dim, dtype, device, block=256, shared=None, on_columns=None):
         if shared is not None:
             stores.add(shared.store)
             if shared.store.lookup(shared.key) is None:
                 builds.append(shared.key)
-        return keyed(hvp, dim, dtype, device, block, shared)
+        return keyed(hvp, dim, dtype, device, block, shared, on_columns)
 
     for module in (solvers, certificate, retraining):
         monkeypatch.setattr(module, "dense_hessian", spy)
