@@ -102,10 +102,16 @@ class TrainConfig:
     grad_tol:   target gradient norm; a stage has converged when ‖∇‖ ≤ grad_tol.
     history_size: L-BFGS memory.
     newton_polish: Newton steps (with a step-halving safeguard) after L-BFGS: dense Hessian when the
-                stage has at most ``newton_max_params`` parameters, else Hessian-free Newton-CG
+                stage has at most ``dense_polish_max_params`` parameters, else Hessian-free Newton-CG
                 (``training.newton_cg_polish``: at most 100 Hessian-vector products per step); they
                 reach machine precision in a few steps near a minimum, which the retraining check
                 relies on.
+    newton_max_params: the certificate's Hessian is dense (``eigvalsh``) up to this many parameters,
+                Lanczos above.
+    dense_polish_max_params: the polish's Hessian is dense up to this many parameters (at most
+                ``newton_max_params``). A dense polish costs P products per factorisation, on top of
+                the certificate's one; on a CNN whose products are slow (quick fashion: ~60 s per dense
+                Hessian on 2 cores) Hessian-free Newton-CG reaches the target for a fraction of that.
     rounds:     L-BFGS + Newton rounds at most, not counting rounds that end on a saddle escape.
     max_escapes: saddle escapes at most per stage (each lowers the objective, so escapes cannot cycle;
                 each costs one dense Hessian or one Lanczos run, then cheap L-BFGS iterations).
@@ -140,6 +146,7 @@ class TrainConfig:
     newton_polish: int = knob(10, "Newton polish steps after L-BFGS (each costs about P/256 passes over the "
                                   "pretraining set; 0 turns it off)")
     newton_max_params: int = 6000
+    dense_polish_max_params: int = 6000
     rounds: int = 6
     max_escapes: int = 30
     newton_subsample: int = 0

@@ -111,7 +111,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         escaped[0] += 1
 
     dense = x.numel() <= config.newton_max_params
-    polish = newton_polish if dense else newton_cg_polish
+    polish = newton_polish if x.numel() <= min(config.dense_polish_max_params, config.newton_max_params) \
+        else newton_cg_polish
     certificate = None
     while True:
         rounds += 1                              # a round that ends on a saddle escape is not counted
@@ -119,9 +120,9 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
                          lambda n, gn, done=iterations: report(done + n, gn))
         iterations += used
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
-        if config.newton_polish:
-            before = escaped[0]
-            extra = {"approximate": approximate} if dense and approximate is not None else {}
+        if config.newton_polish and _grad_norm(objective, x) > config.grad_tol:
+            before = escaped[0]      # (at the target already, the certificate's Hessian judges the point)
+            extra = {"approximate": approximate} if polish is newton_polish and approximate is not None else {}
             x, _ = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
                           on_escape=on_escape, **extra)
             if escaped[0] > before and escaped[0] <= config.max_escapes:
