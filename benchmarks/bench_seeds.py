@@ -37,7 +37,8 @@ def run_seed(preset: str, seed: int, quick: bool, threads: int | None, extra: li
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"seed": seed, "ok": False, "error": last, "wall_s": wall}
     manifest = json.loads((out / "manifest.json").read_text())
-    row = {"seed": seed, "ok": True, "wall_s": wall, "timings_s": manifest["timings_s"], "scenarios": {}}
+    row = {"seed": seed, "ok": True, "wall_s": wall, "timings_s": manifest["timings_s"], "scenarios": {},
+           "distinct_units": (manifest.get("embedding_units") or {}).get("distinct")}
     for s in manifest["scenarios"]:
         v = manifest["validation"].get(s, {})
         training = manifest["diagnostics"][s]["training"]
@@ -78,6 +79,9 @@ def table(rows: list[dict]) -> list[str]:
     for step in ok[0]["timings_s"]:
         out.append(f"| {step} | {median_range([r['timings_s'].get(step) for r in ok])} |")
     out.append(f"| whole run (wall) | {median_range([r['wall_s'] for r in ok])} |")
+    units = [r["distinct_units"] for r in ok if r.get("distinct_units") is not None]
+    if units:
+        out.append(f"distinct embedding units (collapse shows as few): {', '.join(map(str, units))}")
     for r in rows:
         if not r["ok"]:
             out.append(f"seed {r['seed']} failed: {r['error']}")

@@ -299,9 +299,10 @@ def _protocol(config: ValidationConfig, m: int, n_val: int, k: int) -> str:
         "predicts; such pairs are counted and the fit is also reported without them. "
         f"Leave-one-out: per test point and scenario the top-{k} helpful (largest score), top-{k} harmful "
         f"(smallest score) and {k} random examples (seed {config.seed}), each removed alone; predicted = the "
-        "score, actual = retrained test loss minus the no-removal test loss. Group removal: the top "
-        f"{percents} helpful, harmful or random examples removed at once; predicted = sum of their scores; "
-        "accuracy change over the whole finetune test set is also recorded." + lds)
+        "score, actual = retrained test loss minus the no-removal test loss. " + (
+            f"Group removal: the top {percents} helpful, harmful or random examples removed at once; predicted = "
+            "sum of their scores; accuracy change over the whole finetune test set is also recorded."
+            if config.group_percents else "No group removal.") + lds)
 
 
 __all__ = ["ValidationResult", "validate"]
