@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (defaults per preset: " + "; ".join(
         f"{name} hidden {m.hidden}" + (f", vocabulary {m.vocabulary}" if name == "news" else "")
         + (f", channels {','.join(map(str, m.channels))} (quick: hidden {QUICK_MODELS[name].hidden}, channels "
-           f"{','.join(map(str, QUICK_MODELS[name].channels))})" if name in QUICK_MODELS else "")
+           f"{','.join(map(str, QUICK_MODELS[name].channels))}, pretraining L2 {QUICK_MODELS[name].pretrain_l2:g})"
+           if name in QUICK_MODELS else "")
         for name, m in PRESET_MODELS.items()) + ")")
     g.add_argument("--hidden", **option("model.hidden"))
     g.add_argument("--channels", type=_csv(int), **option("model.channels"))

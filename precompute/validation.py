@@ -31,6 +31,11 @@ from .training import TrainedStages
 
 KINDS = ("helpful", "harmful", "random")
 
+GROUP_DTYPES = {"scenario": "string", "test_id": "int64", "kind": "string", "percent": "float64", "n_removed": "int64",
+                "predicted": "float64", "actual": "float64", "accuracy_change": "float64", "converged": bool}
+"""Column types of an empty group table (``group_percents`` empty): a run without group removal still
+writes a typed ``validation/group.parquet`` that the run contract accepts."""
+
 
 # ---- the protocol ------------------------------------------------------------------------------
 
@@ -163,6 +168,8 @@ def validate(task: TwoStageTask, trained: TrainedStages, scores: dict[str, np.nd
                           for s, r, z, kind, pred, b in loo], columns=[*PAIR_COLUMNS, *PAIRS_CERTIFICATE_COLUMNS])
     groups = pd.DataFrame([(s, val_ids[r], kind, pc, n, pred, loss[s][b, r], acc[s][b], bool(conv[s][b]))
                            for s, r, kind, pc, n, pred, b in group], columns=GROUP_COLUMNS)
+    if groups.empty:                                # typed, or parquet stores the columns as null
+        groups = groups.astype(GROUP_DTYPES)
     pair_left = np.array([left[b] for *_, b in loo], dtype=bool)
     summary = {s: _pair_summary(pairs[pairs.scenario == s], pair_left[(pairs.scenario == s).to_numpy()])
                for s in scenarios}

@@ -212,6 +212,23 @@ def test_group_removal_and_lds(validated):
         assert lds["mean"] > 0.3, lds
 
 
+def test_without_group_removal_the_group_table_is_empty_but_typed(tiny, tmp_path):
+    """Quick fashion retrains no groups: its empty table must still satisfy the run contract (an untyped
+    empty frame is written with null columns, which the run store refuses)."""
+    import pyarrow.parquet as pq
+    from precompute.run_schema import _GROUP_KINDS, _kind_ok
+
+    task, trained, scores = tiny
+    result = validate(task, trained, scores, TEST_IDS, ValidationConfig(n_test_points=1, k=1, group_percents=(),
+                                                                       retrain_tol=1e-10), progress=False)
+    assert result.group.empty and tuple(result.group.columns) == GROUP_COLUMNS
+    assert result.group_summary == {"fixed": {}, "updated": {}} and "No group removal." in result.protocol
+    result.group.to_parquet(tmp_path / "group.parquet")
+    schema = pq.read_schema(tmp_path / "group.parquet")
+    assert all(_kind_ok(kind, schema.field(col).type) for col, kind in _GROUP_KINDS.items())
+    assert len(result.pairs) == 2 * 3 and result.pairs.converged.all()
+
+
 # ---- baselines -----------------------------------------------------------------------------------
 
 def test_baselines(tiny, validated):
