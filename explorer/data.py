@@ -195,17 +195,31 @@ def pairs(key: RunKey, scenario: str, test_id: int | None = None) -> pd.DataFram
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def group_curve(key: RunKey, scenario: str, test_id: int | None = None) -> pd.DataFrame | None:
-    """Group-removal rows (kind, percent, predicted, actual, accuracy_change); averaged over test points if None."""
+    """Group-removal rows (kind, percent, predicted, actual, accuracy_change) of the retrainings that converged
+    (an unconverged one measures nothing); averaged over test points if ``test_id`` is None."""
     g = run_from_key(key).group()
     if g is None:
         return None
     g = g[g["scenario"] == scenario]
+    if "converged" in g.columns:
+        g = g[g["converged"].astype(bool)]
     if test_id is not None:
         g = g[g["test_id"] == int(test_id)]
     if g.empty:
         return g
     return (g.groupby(["kind", "percent"], as_index=False)[["predicted", "actual", "accuracy_change", "n_removed"]]
             .mean().sort_values(["kind", "percent"]))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def group_counts(key: RunKey, scenario: str) -> tuple[int, int]:
+    """(group removals retrained in ``scenario``, how many of them converged); (0, 0) without a group table."""
+    g = run_from_key(key).group()
+    if g is None:
+        return 0, 0
+    g = g[g["scenario"] == scenario]
+    converged = int(g["converged"].astype(bool).sum()) if "converged" in g.columns else len(g)
+    return len(g), converged
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

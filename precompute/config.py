@@ -365,7 +365,7 @@ class RunConfig:
     test_ids:     explicit finetune test ids to score.
     validate:     run the retraining validation and baselines.
     clean:        run mislabel detection and clean-and-retrain (always on when label_noise > 0).
-    quick:        small sizes for tests and smoke runs (digits and news well under a minute; fashion 5-9 minutes on 2 CPU cores, by CPU).
+    quick:        small sizes for tests and smoke runs (digits and news well under a minute; fashion 3-8 minutes on 2 CPU cores, by seed and CPU).
     overwrite:    replace an existing run directory (only after the new one is complete).
     scores_to_disk: stream scores into the run directory's .npy files (memory maps, written block
                   by block by every rank) instead of holding the [T, m] matrices in memory; for
@@ -387,7 +387,7 @@ class RunConfig:
                                   "and wrong predictions")
     test_ids: tuple[int, ...] = knob((), "explicit finetune test ids, e.g. 0,5,9")
     validate: bool = True
-    quick: bool = knob(False, "small sizes for smoke tests (digits, news < 1 min; fashion 5-9 min on a 2-core CPU)")
+    quick: bool = knob(False, "small sizes for smoke tests (digits, news < 1 min; fashion 3-8 min on a 2-core CPU)")
     overwrite: bool = knob(False, "replace an existing run (the old one is kept until the new one is complete)")
     scores_to_disk: bool = knob(False, "stream scores into the run directory chunk by chunk (memory maps) "
                                        "instead of holding them in memory; for very large pretraining sets")

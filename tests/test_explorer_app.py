@@ -301,6 +301,43 @@ def test_validation_page_baselines_and_paper_context(monkeypatch, explorer_runs)
     assert "group_curves" in figs
 
 
+@pytest.mark.parametrize("groups", ["none retrained", "none converged", "some converged"])
+def test_validation_page_says_why_a_group_figure_is_missing_or_partial(monkeypatch, tmp_path, groups):
+    """Group curves average converged retrainings only; with none retrained (quick fashion) or none converged
+    the page says which, instead of plotting what retraining did not measure."""
+    import pandas as pd
+
+    path = write_synthetic_run(tmp_path, "g", m=120, n_test=30, T=4)
+    table = pd.read_parquet(path / "validation/group.parquet")
+    if groups == "none retrained":
+        table = table.iloc[:0]
+    elif groups == "none converged":
+        table["converged"] = False
+    else:
+        table["converged"] = table["percent"] <= 2.0
+        table.loc[~table["converged"], "actual"] = 1e6          # an unconverged value must not reach the curve
+    table.to_parquet(path / "validation/group.parquet", index=False)
+    at = make_app(monkeypatch, tmp_path, run="g")
+    at.switch_page(PAGES["validation"]).run()
+    assert_clean(at)
+    figs, shown = plotly_figs(at), texts(at)
+    if groups == "some converged":
+        def values(arr):            # plotly's JSON holds numpy arrays as {"dtype", "bdata": base64}
+            if isinstance(arr, dict):
+                import base64
+                return np.frombuffer(base64.b64decode(arr["bdata"]), dtype=np.dtype(arr["dtype"])).tolist()
+            return list(arr)
+
+        curve = figs["group_curves"]["data"]
+        assert curve and max(abs(y) for tr in curve for y in values(tr["y"])) < 1e3
+        assert {x for tr in curve for x in values(tr["x"])} == {1.0, 2.0}
+        assert "did not converge and are left out" in shown
+    else:
+        assert "group_curves" not in figs
+        assert ("retrained no groups" in shown) == (groups == "none retrained")
+        assert ("reached a certified minimum" in shown) == (groups == "none converged")
+
+
 def test_pretrain_example_page_shows_its_column(monkeypatch, explorer_runs):
     root, names = explorer_runs
     run = open_run(root, names["image"])

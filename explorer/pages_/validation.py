@@ -150,12 +150,18 @@ if validated_run:
     st.markdown("### Removing groups of examples")
 if not validated_run:
     pass
+elif (counts := data.group_counts(key, scenario))[0] == 0:
+    st.info(f"Run '{run.name}' retrained no groups of examples (`--group-percents 5,10` adds them; quick "
+            "fashion leaves them out because none converged at m = 300).")
 elif group_all is None or group_all.empty:
-    st.info(f"Run '{run.name}' has no group-removal results for scenario '{scenario}'.")
+    st.info(f"None of the {counts[0]} group removals of scenario '{scenario}' reached a certified minimum within "
+            "the retraining cap, so there is no group figure (they are listed in validation/group.parquet).")
 else:
     st.markdown(
         "Removing the top p% most helpful pretraining examples (by score) and retraining should raise the "
         "test loss; removing the most harmful should lower it; removing a random p% should do little."
+        + (f" {counts[0] - counts[1]} of the {counts[0]} group removals did not converge and are left out."
+           if counts[1] < counts[0] else "")
     )
     which = st.radio("Curves for", ["this test point", "average over validated test points"], horizontal=True,
                      key="group_which")
