@@ -140,6 +140,20 @@ def test_full_fashion_is_the_dense_cnn_at_5000_with_a_subsample_polish_and_flags
     assert full_config(RunConfig(out="r")) == RunConfig(out="r")
 
 
+def test_quick_fashion_has_its_l2_hessian_free_polish_and_no_groups_and_flags_win():
+    quick = config_from_args(build_parser().parse_args(["--quick"]), "fashion", "r")
+    assert quick.model.pretrain_l2 == 5e-2 and quick.model.finetune_l2 == 1e-2
+    assert quick.train.dense_polish_max_params == 0 and quick.train.newton_max_params >= 1989   # dense certificate
+    assert quick.validation.group_percents == ()
+    full = config_from_args(build_parser().parse_args([]), "fashion", "r")
+    assert full.model.pretrain_l2 == 1e-2 and full.train.dense_polish_max_params >= 1989
+    digits = config_from_args(build_parser().parse_args(["--quick"]), "digits", "r")
+    assert digits.model.pretrain_l2 == 1e-2 and digits.validation.group_percents == (5.0, 10.0)
+    mine = config_from_args(build_parser().parse_args(["--quick", "--pretrain-l2", "0.01", "--group-percents", "5"]),
+                            "fashion", "r")
+    assert mine.model.pretrain_l2 == 0.01 and mine.validation.group_percents == (5.0,)
+
+
 def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_checked_by_pcg():
     from precompute.models import fashion_cnn_params
     from precompute.presets import FULL_CAPS, QUICK_CAPS

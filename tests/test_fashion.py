@@ -169,7 +169,8 @@ def test_quick_fashion_run(tmp_path):
     run = open_run(tmp_path, "f")
     m = run.manifest
     assert m["preset"] == "fashion" and m["image_shape"] == [28, 28] and m["n_pretrain_params"] == 1989
-    assert m["embedding_units"]["units"] == 8 and m["embedding_units"]["distinct"] >= 4
+    # a collapsed embedding shows as 1-2 distinct units; at quick fashion's L2 of 5e-2 seeds 0-4 gave 3-6 of 8
+    assert m["embedding_units"]["units"] == 8 and m["embedding_units"]["distinct"] >= 3
     pairs = run.pairs()
     for s in ("fixed", "updated"):
         rows = pairs[pairs.scenario == s]

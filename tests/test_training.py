@@ -220,3 +220,27 @@ def test_a_minibatch_stage_needs_a_damped_solve():
     else:
         raise AssertionError("a minibatch stage passed an undamped solve")
     assert "\n" not in message and "minibatch" in message and "3.0e-02" in message and "--damping" in message
+
+
+def test_a_hessian_free_polish_leaves_the_one_dense_hessian_to_the_certificate(monkeypatch):
+    """dense_polish_max_params = 0 (quick fashion): Newton-CG polishes, no dense polish runs, and the stage is
+    still certified by a dense eigvalsh; a stage L-BFGS already brought to the target skips the polish."""
+    from precompute import training
+    from precompute.config import TrainConfig
+    from precompute.fd_check import build_check_task
+
+    calls = {"dense": 0, "cg": 0}
+    real_dense, real_cg = training.newton_polish, training.newton_cg_polish
+    monkeypatch.setattr(training, "newton_polish",
+                        lambda *a, **k: (calls.__setitem__("dense", calls["dense"] + 1), real_dense(*a, **k))[1])
+    monkeypatch.setattr(training, "newton_cg_polish",
+                        lambda *a, **k: (calls.__setitem__("cg", calls["cg"] + 1), real_cg(*a, **k))[1])
+    task = build_check_task(seed=1)
+    result = training.pretrain(task, TrainConfig(dense_polish_max_params=0), desc=None)
+    assert result.certified and result.certificate.method == "dense" and result.grad_norm <= 1e-9
+    assert calls["dense"] == 0 and calls["cg"] >= 1
+
+    calls.update(dense=0, cg=0)
+    quadratic = lambda x: 0.5 * (torch.arange(1.0, 6.0, dtype=x.dtype) * x * x).sum()   # noqa: E731
+    done = training.minimize(quadratic, torch.ones(5, dtype=torch.float64), TrainConfig(lbfgs_tol=1e-8, grad_tol=1e-8))
+    assert done.certified and done.grad_norm <= 1e-8 and calls == {"dense": 0, "cg": 0}
