@@ -199,9 +199,13 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
         if report is not None:
             report(used, gnorm)
         opt.param_groups[0]["max_iter"] = min(20, budget - used)      # never past the budget
+        before = x.detach().clone()
         opt.step(closure)
         done = opt.state[opt._params[0]]["n_iter"]
-        if done == used:
+        # torch counts an iteration whose line search found no lower point; at the floor of rounding it
+        # would do so for the rest of the budget (‖∇‖ unchanged), so an unmoved x ends the phase
+        if done == used or torch.equal(x.detach(), before):
+            used = done
             break
         used = done
     return x.detach(), used

@@ -244,3 +244,20 @@ def test_a_hessian_free_polish_leaves_the_one_dense_hessian_to_the_certificate(m
     quadratic = lambda x: 0.5 * (torch.arange(1.0, 6.0, dtype=x.dtype) * x * x).sum()   # noqa: E731
     done = training.minimize(quadratic, torch.ones(5, dtype=torch.float64), TrainConfig(lbfgs_tol=1e-8, grad_tol=1e-8))
     assert done.certified and done.grad_norm <= 1e-8 and calls == {"dense": 0, "cg": 0}
+
+
+def test_lbfgs_stops_where_rounding_stops_its_progress():
+    """Asked for a gradient below what rounding allows (a least-squares fit whose floor is ~1e-9), L-BFGS
+    stops when a step no longer moves x instead of counting the whole budget of unmoving iterations."""
+    from precompute.config import TrainConfig
+    from precompute.training import _lbfgs
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5, dtype=torch.float64, generator=gen)
+    b = torch.randn(8, dtype=torch.float64, generator=gen)
+    objective = lambda x: 0.5 * ((a @ x - b) ** 2).sum()                                 # noqa: E731
+    x, used = _lbfgs(objective, torch.zeros(5, dtype=torch.float64), TrainConfig(lbfgs_tol=1e-30), 3000, None)
+    best = torch.linalg.lstsq(a, b).solution
+    assert used < 100                         # 5 parameters: a handful of steps, then no step moves x
+    torch.testing.assert_close(x, best, rtol=0, atol=1e-8)
+    assert float(objective(x)) <= float(objective(best)) + 1e-12
