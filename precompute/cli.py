@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .config import CURVATURES, SCENARIOS, SCORE_PRECISIONS, SOLVERS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PrecomputeError
-from .presets import (PRESET_DTYPES, PRESET_MODELS, PRESETS, QUICK_MODELS, cost_note, full_config, preset_threads,
-                      quick_config)
+from .presets import (NOISY_PRETRAIN_L2, PRESET_DTYPES, PRESET_MODELS, PRESETS, QUICK_MODELS, cost_note,
+                      full_config, noisy_config, preset_threads, quick_config)
 
 # (run name, preset, {flag dest: value}): the demo leads with Fashion-MNIST at quick size (the full
 # preset takes far longer than the demo's 10 minutes) where Debian's package or --data-dir has it, else
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         + (f", channels {','.join(map(str, m.channels))} (quick: hidden {QUICK_MODELS[name].hidden}, channels "
            f"{','.join(map(str, QUICK_MODELS[name].channels))}, pretraining L2 {QUICK_MODELS[name].pretrain_l2:g})"
            if name in QUICK_MODELS else "")
-        for name, m in PRESET_MODELS.items()) + ")")
+        for name, m in PRESET_MODELS.items()) + "; with --label-noise: " + ", ".join(
+        f"{name} pretraining L2 {l2:g}" for name, l2 in NOISY_PRETRAIN_L2.items()) + ")")
     g.add_argument("--hidden", **option("model.hidden"))
     g.add_argument("--channels", type=_csv(int), **option("model.channels"))
     g.add_argument("--pretrain-l2", **option("model.pretrain_l2"))
@@ -263,6 +264,8 @@ def config_from_args(args: argparse.Namespace, preset: str, out: str) -> RunConf
             continue                               # not given, or not a config flag (preset, out, threads)
         for path in _paths(dest):
             config = _set(config, path, value)
+    if getattr(args, "model.pretrain_l2", None) is None:
+        config = noisy_config(config)              # label noise raises a preset's L2; --pretrain-l2 wins
     return config
 
 
