@@ -300,7 +300,8 @@ class ModelConfig:
 
     hidden:       embedding width.
     channels:     the fashion CNN's two convolutions' output channels (``models.fashion_cnn``).
-    pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.   Both ``DEFAULT_L2`` unless set.
+    pretrain_l2:  λ_P on (θ, W).   finetune_l2: λ_F on U.   Both ``DEFAULT_L2`` unless set (or a preset
+                  sets λ_P: ``presets.QUICK_MODELS``, ``presets.NOISY_PRETRAIN_L2``).
     vocabulary:   text presets: tf-idf vocabulary size (features of the embedding's input).
     max_params:   the CLI refuses, before loading any data, inputs that would give a model of more
                   parameters (``precompute.guards``; --max-params lifts it).

@@ -154,6 +154,28 @@ def test_quick_fashion_has_its_l2_hessian_free_polish_and_no_groups_and_flags_wi
     assert mine.model.pretrain_l2 == 0.01 and mine.validation.group_percents == (5.0,)
 
 
+def test_label_noise_raises_the_digits_pretraining_l2_and_flags_win():
+    """Flipped labels make the digits minimum shallow: such a run (the demo's digits-noisy, the explorer's suggested
+    command) pretrains with NOISY_PRETRAIN_L2, full and quick; --pretrain-l2 wins; other presets and clean runs keep
+    1e-2; the finetuning L2 never changes."""
+    from precompute.cli import DEMO_REST
+    from precompute.presets import NOISY_PRETRAIN_L2
+
+    def l2s(argv, preset="digits"):
+        config = config_from_args(build_parser().parse_args(argv), preset, "r")
+        return config.model.pretrain_l2, config.model.finetune_l2
+
+    noisy = NOISY_PRETRAIN_L2["digits"]
+    assert noisy > DEFAULT_L2
+    assert l2s(["--label-noise", "0.1"]) == l2s(["--quick", "--label-noise", "0.1"]) == (noisy, DEFAULT_L2)
+    assert l2s(["--label-noise", "0.1", "--pretrain-l2", "0.01"]) == (0.01, DEFAULT_L2)
+    assert l2s([]) == l2s(["--label-noise", "0"]) == (DEFAULT_L2, DEFAULT_L2)
+    assert l2s(["--label-noise", "0.1"], "news") == (DEFAULT_L2, DEFAULT_L2)
+    name, preset, extra = next(job for job in DEMO_REST if job[0] == "digits-noisy")
+    demo = config_from_args(argparse.Namespace(**{**vars(build_parser().parse_args([])), **extra}), preset, "r")
+    assert demo.data.label_noise > 0 and demo.model.pretrain_l2 == noisy
+
+
 def test_fashion_all_is_every_garment_in_float32_by_minibatches_scored_by_ekfac_checked_by_pcg():
     from precompute.models import fashion_cnn_params
     from precompute.presets import FULL_CAPS, QUICK_CAPS

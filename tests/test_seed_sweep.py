@@ -18,7 +18,7 @@ import torch
 
 from precompute.config import DataConfig, RunConfig
 from precompute.data.fashion import FASHION_INSTALL, fashion_available
-from precompute.presets import PRESET_MODELS, build_task, load_task_data, quick_config
+from precompute.presets import PRESET_MODELS, build_task, load_task_data, noisy_config, quick_config
 from precompute.training import train_stages
 
 SEEDS = range(10)
@@ -28,7 +28,7 @@ STARTS = [(seed, threads, 0.0) for seed in SEEDS for threads in (1, 2)] + [(seed
 def _train(preset: str, seed: int, threads: int, jitter: float, quick: bool = True, label_noise: float = 0.0):
     config = RunConfig(out="unused", data=DataConfig(preset=preset, seed=seed, label_noise=label_noise),
                        model=PRESET_MODELS[preset])
-    config = quick_config(config) if quick else config
+    config = noisy_config(quick_config(config) if quick else config)   # as the CLI builds it
     config = replace(config, train=replace(config.train, init_jitter=jitter, jitter_seed=seed))
     data = load_task_data(config.data, config.model)
     task = build_task(data, config.model, seed=seed).to("cpu", torch.float64)
