@@ -90,14 +90,18 @@ def lanczos_extremes(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LA
 
 def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
                        shared: SharedHessian | None = None,
-                       on_columns: Callable[[int, int, int], object] | None = None) -> tuple[float, Tensor, str, float]:
+                       on_columns: Callable[[int, int, int], object] | None = None,
+                       on_eigh: Callable[[Tensor, Tensor], object] | None = None) -> tuple[float, Tensor, str, float]:
     """(λ_min, unit eigenvector [D], method, largest |eigenvalue|) of ∇²objective(x): dense up to
     ``dense_max`` parameters (``shared``: where the dense build is shared, see ``curvature.dense_hessian``), Lanczos above.
-    ``on_columns(first, last, D)`` before each block of the dense build (progress: minutes on a CNN)."""
+    ``on_columns(first, last, D)`` before each block of the dense build (progress: minutes on a CNN).
+    ``on_eigh(evals [D], evecs [D, D])``: receives the dense eigendecomposition (a Newton step's factorisation)."""
     hvp = batched_hvp(objective, x)
     if x.numel() <= dense_max:
         hessian = dense_hessian(hvp, x.numel(), x.dtype, x.device, shared=shared, on_columns=on_columns)
         evals, evecs = torch.linalg.eigh(hessian)
+        if on_eigh is not None:
+            on_eigh(evals, evecs)
         return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
     value, vector, largest = lanczos_extremes(hvp, x)
     return value, vector, "lanczos", largest
@@ -106,13 +110,15 @@ def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_m
 def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, dense_max: int,
             shared: SharedHessian | None = None,
             gradient: Callable[[Tensor], Tensor] | None = None,
-            on_columns: Callable[[int, int, int], object] | None = None) -> tuple[Certificate, Tensor]:
+            on_columns: Callable[[int, int, int], object] | None = None,
+            on_eigh: Callable[[Tensor, Tensor], object] | None = None) -> tuple[Certificate, Tensor]:
     """The certificate of ``x`` and the eigenvector of its smallest Hessian eigenvalue (a way off a saddle).
 
     ``gradient``: x -> ∇objective(x) when autograd through ``objective`` is not the way (streamed sets).
-    ``on_columns``: progress of the dense Hessian's build (``smallest_eigenpair``)."""
+    ``on_columns``, ``on_eigh``: progress of the dense Hessian's build, its eigendecomposition (``smallest_eigenpair``)."""
     g = gradient(x) if gradient is not None else torch.func.grad(objective)(x.detach())
-    eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, shared, on_columns)
+    eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, shared, on_columns,
+                                                          on_eigh)
     floor = ROUNDING_FACTOR * torch.finfo(x.dtype).eps * eig_max * max(float(x.norm()), 1.0)
     return Certificate(float(g.norm()), eig_min, grad_tol, method, floor), vector
 

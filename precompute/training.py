@@ -129,13 +129,21 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
                 rounds -= 1                      # every escape lowers L, so this cannot cycle
                 continue                         # off a saddle: L-BFGS takes it from here
         bar.set_note(f"certifying the minimum ({'dense Hessian' if dense else 'Lanczos'}, {x.numel()} parameters)")
+        factorised: list[tuple[Tensor, Tensor]] = []
         certificate, lowest = certify(objective, x, config.grad_tol, config.newton_max_params,
                                       None if shared is None else shared(x),
                                       gradient=lambda xx: _gradient(objective, xx),
                                       on_columns=lambda a, b, n: bar.set_note(
-                                          f"certifying the minimum: dense Hessian, columns {a}-{b} of {n}"))
+                                          f"certifying the minimum: dense Hessian, columns {a}-{b} of {n}"),
+                                      on_eigh=lambda evals, evecs: factorised.append((evals, evecs)))
         if certificate.certified:
             break
+        if factorised and certificate.eig_min > 0 and config.newton_polish and rounds < config.rounds:
+            # positive definite but ‖∇‖ above target (a flat minimum the Hessian-free polish could not resolve):
+            # the certificate's factorisation preconditions Newton steps on exact products from here, so the
+            # next dense Hessian is the one that certifies, not another round's
+            x, _ = newton_polish(objective, x, 1, config.grad_tol, on_note=bar.set_note, factorised=factorised.pop())
+            continue
         if certificate.eig_min < 0 and escaped[0] < config.max_escapes:
             moved = escape_saddle(objective, x, lowest)
             if moved is None:
@@ -214,7 +222,8 @@ def _lbfgs(objective: Objective, x0: Tensor, config: TrainConfig, budget: int,
 def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float = 0.0,
                   chord_steps: int = 20, on_note: Callable[[str], object] | None = None,
                   on_escape: Callable[[], object] | None = None,
-                  approximate: Objective | None = None) -> tuple[Tensor, bool]:
+                  approximate: Objective | None = None,
+                  factorised: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
     Near a minimum this is plain Newton and converges quadratically. Where a fresh Hessian has a
@@ -231,6 +240,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     which costs a fraction of the full one, and every step is Newton by CG on exact products of
     ``objective`` preconditioned by it (``APPROXIMATE_CG_ITERS``); its negative eigenvalues prove nothing
     about ``objective``, so saddles are left to the caller's certificate.
+    ``factorised``: (eigenvalues [D], eigenvectors [D, D]) of ∇²objective(x) already built (a certificate's),
+    used as the first step's factorisation instead of building one.
     """
     value = float(objective(x))
     dim = x.numel()
@@ -243,9 +254,12 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
             escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
             on_note(f"Newton polish {step + 1}{escaped} at ‖∇‖ {gnorm:.1e}: Hessian columns {first}-{last} of {total}")
 
-        hessian = dense_hessian(hvp, dim, x.dtype, x.device, on_columns=columns if on_note is not None else None)
-        evals, evecs = torch.linalg.eigh(hessian)
-        del hessian
+        if step == 0 and factorised is not None:
+            evals, evecs = factorised
+        else:
+            hessian = dense_hessian(hvp, dim, x.dtype, x.device, on_columns=columns if on_note is not None else None)
+            evals, evecs = torch.linalg.eigh(hessian)
+            del hessian
         floor = (1e-10 if approximate is None else APPROXIMATE_FLOOR) * float(evals.abs().max())
         if approximate is None and evals[0] < -floor:   # negative curvature: go along it, whatever ‖∇‖ is
             moved = escape_saddle(objective, x, evecs[:, 0])

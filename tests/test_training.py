@@ -261,3 +261,34 @@ def test_lbfgs_stops_where_rounding_stops_its_progress():
     assert used < 100                         # 5 parameters: a handful of steps, then no step moves x
     torch.testing.assert_close(x, best, rtol=0, atol=1e-8)
     assert float(objective(x)) <= float(objective(best)) + 1e-12
+
+
+def test_a_flat_minimum_is_polished_with_the_certificates_factorisation(monkeypatch):
+    """Curvature from 1e-6 to 1 (a flat minimum, like quick fashion's seed 3): Hessian-free Newton-CG stalls
+    above the target, and the certificate's dense Hessian, positive definite but at a point with ‖∇‖ too large,
+    then preconditions Newton on exact products. Two dense Hessians certify the stage; spending one per round
+    (the old way) ran out of rounds at ‖∇‖ 1.6e-7 after six."""
+    from precompute import certificate, training
+    from precompute.config import TrainConfig
+
+    gen = torch.Generator().manual_seed(0)
+    dim = 300
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=gen))
+    curvature = torch.logspace(-6, 0, dim, dtype=torch.float64)
+    target = torch.randn(dim, dtype=torch.float64, generator=gen)
+
+    def objective(x):                       # not quadratic, so Newton has work to do at every step
+        y = basis.T @ (x - target)
+        return 0.5 * (curvature * y * y).sum() + 2.5e-4 * (y ** 4).sum()
+
+    builds = []
+    real = training.dense_hessian
+    counting = lambda *a, **k: (builds.append(1), real(*a, **k))[1]                     # noqa: E731
+    monkeypatch.setattr(training, "dense_hessian", counting)
+    monkeypatch.setattr(certificate, "dense_hessian", counting)
+    result = training.minimize(objective, torch.zeros(dim, dtype=torch.float64),
+                               TrainConfig(dense_polish_max_params=0, grad_tol=1e-10))
+    assert result.certified and result.grad_norm <= 1e-10
+    assert abs(result.eig_min - 1e-6) < 1e-9                  # at the minimum y = 0: the smallest curvature
+    torch.testing.assert_close(result.params, target, rtol=0, atol=1e-3)
+    assert len(builds) == 2
