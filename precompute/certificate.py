@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .curvature import SharedHessian, batched_hvp, dense_hessian
+from .curvature import SharedHessian, batched_hvp, dense_hessian, hessian_products
 from .errors import PrecomputeError
 from .solvers import lanczos
 
@@ -91,19 +91,21 @@ def lanczos_extremes(hvp: Callable[[Tensor], Tensor], x: Tensor, steps: int = LA
 def smallest_eigenpair(objective: Callable[[Tensor], Tensor], x: Tensor, dense_max: int,
                        shared: SharedHessian | None = None,
                        on_columns: Callable[[int, int, int], object] | None = None,
-                       on_eigh: Callable[[Tensor, Tensor], object] | None = None) -> tuple[float, Tensor, str, float]:
+                       on_eigh: Callable[[Tensor, Tensor], object] | None = None,
+                       products: str = "double-backward") -> tuple[float, Tensor, str, float]:
     """(λ_min, unit eigenvector [D], method, largest |eigenvalue|) of ∇²objective(x): dense up to
     ``dense_max`` parameters (``shared``: where the dense build is shared, see ``curvature.dense_hessian``), Lanczos above.
     ``on_columns(first, last, D)`` before each block of the dense build (progress: minutes on a CNN).
-    ``on_eigh(evals [D], evecs [D, D])``: receives the dense eigendecomposition (a Newton step's factorisation)."""
-    hvp = batched_hvp(objective, x)
+    ``on_eigh(evals [D], evecs [D, D])``: receives the dense eigendecomposition (a Newton step's factorisation).
+    ``products``: how the dense build's products are made (``curvature.hessian_products``)."""
     if x.numel() <= dense_max:
+        hvp = hessian_products(objective, x, products)
         hessian = dense_hessian(hvp, x.numel(), x.dtype, x.device, shared=shared, on_columns=on_columns)
         evals, evecs = torch.linalg.eigh(hessian)
         if on_eigh is not None:
             on_eigh(evals, evecs)
         return float(evals[0]), evecs[:, 0].clone(), "dense", float(evals.abs().max())
-    value, vector, largest = lanczos_extremes(hvp, x)
+    value, vector, largest = lanczos_extremes(batched_hvp(objective, x), x)
     return value, vector, "lanczos", largest
 
 
@@ -111,14 +113,16 @@ def certify(objective: Callable[[Tensor], Tensor], x: Tensor, grad_tol: float, d
             shared: SharedHessian | None = None,
             gradient: Callable[[Tensor], Tensor] | None = None,
             on_columns: Callable[[int, int, int], object] | None = None,
-            on_eigh: Callable[[Tensor, Tensor], object] | None = None) -> tuple[Certificate, Tensor]:
+            on_eigh: Callable[[Tensor, Tensor], object] | None = None,
+            products: str = "double-backward") -> tuple[Certificate, Tensor]:
     """The certificate of ``x`` and the eigenvector of its smallest Hessian eigenvalue (a way off a saddle).
 
     ``gradient``: x -> ∇objective(x) when autograd through ``objective`` is not the way (streamed sets).
-    ``on_columns``, ``on_eigh``: progress of the dense Hessian's build, its eigendecomposition (``smallest_eigenpair``)."""
+    ``on_columns``, ``on_eigh``, ``products``: progress of the dense Hessian's build, its eigendecomposition, how
+    its products are made (``smallest_eigenpair``)."""
     g = gradient(x) if gradient is not None else torch.func.grad(objective)(x.detach())
     eig_min, vector, method, eig_max = smallest_eigenpair(objective, x.detach(), dense_max, shared, on_columns,
-                                                          on_eigh)
+                                                          on_eigh, products)
     floor = ROUNDING_FACTOR * torch.finfo(x.dtype).eps * eig_max * max(float(x.norm()), 1.0)
     return Certificate(float(g.norm()), eig_min, grad_tol, method, floor), vector
 

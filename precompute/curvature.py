@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import CURVATURES
+from .config import CURVATURES, HESSIAN_PRODUCTS
 from .distributed import all_reduce_sum, get_rank, get_world_size, is_distributed, shard_range
 from .errors import ConfigError
 from .streaming import DEFAULT_CHUNK, StreamedPretrainObjective, batched_double_backward, is_lazy
@@ -46,6 +46,36 @@ def batched_hvp(objective, x: Tensor, rhs_block: int = 64) -> BatchedHVP:
     with torch.enable_grad():
         gradient = torch.autograd.grad(objective(leaf), leaf, create_graph=True)[0]
     return lambda v: batched_double_backward(gradient, leaf, v, rhs_block)
+
+
+FORWARD_OVER_REVERSE_CHUNK = 16
+"""Columns per vmapped forward-over-reverse call (13 ms per column at 16 or 32 on the quick fashion CNN, 2 cores;
+more columns per call were slower)."""
+
+
+def forward_over_reverse_hvp(objective, x: Tensor, chunk: int = FORWARD_OVER_REVERSE_CHUNK) -> BatchedHVP:
+    """V [D, k] -> ∇²objective(x) @ V as the forward-mode derivative of the gradient along each column
+    (``torch.func.jvp`` of ``torch.func.grad``), vmapped ``chunk`` columns at a time. On the quick fashion
+    CNN (P = 1,989, m = 300) 13 ms per column against 23 for the double backward; on the MLPs the double
+    backward is as fast or faster (0.34 against 0.46 ms on digits). Equal to ``batched_hvp`` up to rounding."""
+    gradient = torch.func.grad(objective)
+    point = x.detach()
+
+    def column(v: Tensor) -> Tensor:
+        return torch.func.jvp(gradient, (point,), (v,))[1]
+
+    return lambda v: torch.func.vmap(column, chunk_size=chunk)(v.T).T.detach()
+
+
+def hessian_products(objective, x: Tensor, method: str = "double-backward", rhs_block: int = 64) -> BatchedHVP:
+    """The products a dense Hessian is built from, by ``method`` (one of ``config.HESSIAN_PRODUCTS``: the gradient
+    graph kept and differentiated again, ``batched_hvp``, or ``forward_over_reverse_hvp``; a streamed
+    objective always makes its own chunked products). ``rhs_block``: the double backward's columns per call."""
+    if method not in HESSIAN_PRODUCTS:
+        raise ConfigError(f"Hessian products {method!r}: use one of {', '.join(HESSIAN_PRODUCTS)}")
+    if method == "forward-over-reverse" and not isinstance(objective, StreamedPretrainObjective):
+        return forward_over_reverse_hvp(objective, x)
+    return batched_hvp(objective, x, rhs_block)
 
 
 def dense_hessian(hvp: BatchedHVP, dim: int, dtype: torch.dtype, device: torch.device | str,

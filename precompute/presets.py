@@ -288,7 +288,9 @@ def quick_config(config: RunConfig) -> RunConfig:
                     pretrain_l2=quick_model.pretrain_l2) if quick_model else config.model
     # The quick CNN's Hessian products are slow (a dense Hessian: ~60 s on 2 cores), so its polish is
     # Hessian-free Newton-CG and the one dense Hessian per stage is the certificate's (shared with influence).
-    train = replace(config.train, dense_polish_max_params=0) if quick_model else config.train
+    # Its dense Hessians are built forward-over-reverse (13 ms per product against 23 ms double-backward).
+    train = replace(config.train, dense_polish_max_params=0, hessian_products="forward-over-reverse") \
+        if quick_model else config.train
     data = replace(config.data, max_pretrain=config.data.max_pretrain or pre,
                    max_finetune=config.data.max_finetune or fine)
     # The fashion CNN's stragglers would each build a dense Hessian (1,989 products, ~35 s) after the 100

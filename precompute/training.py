@@ -25,7 +25,8 @@ from torch import Tensor
 from . import progress as progress_report
 from .config import TrainConfig
 from .certificate import ROUNDING_ULPS, Certificate, CertificateError, certify
-from .curvature import HessianStore, SharedHessian, batched_hvp, dense_hessian, hessian_key, updated_hessian_key
+from .curvature import (HessianStore, SharedHessian, batched_hvp, dense_hessian, hessian_key, hessian_products,
+                        updated_hessian_key)
 from .streaming import StreamedPretrainObjective, pretraining_objective
 from .task import TaskError, TwoStageTask
 
@@ -122,7 +123,9 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
         bar.update(iterations - bar.n)           # ``report`` may already have counted some of them
         if config.newton_polish and _grad_norm(objective, x) > config.grad_tol:
             before = escaped[0]      # (at the target already, the certificate's Hessian judges the point)
-            extra = {"approximate": approximate} if polish is newton_polish and approximate is not None else {}
+            extra = {"products": config.hessian_products} if polish is newton_polish else {}
+            if polish is newton_polish and approximate is not None:
+                extra["approximate"] = approximate
             x, _ = polish(objective, x, config.newton_polish, config.grad_tol, on_note=bar.set_note,
                           on_escape=on_escape, **extra)
             if escaped[0] > before and escaped[0] <= config.max_escapes:
@@ -135,14 +138,16 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
                                       gradient=lambda xx: _gradient(objective, xx),
                                       on_columns=lambda a, b, n: bar.set_note(
                                           f"certifying the minimum: dense Hessian, columns {a}-{b} of {n}"),
-                                      on_eigh=lambda evals, evecs: factorised.append((evals, evecs)))
+                                      on_eigh=lambda evals, evecs: factorised.append((evals, evecs)),
+                                      products=config.hessian_products)
         if certificate.certified:
             break
         if factorised and certificate.eig_min > 0 and config.newton_polish and rounds < config.rounds:
             # positive definite but ‖∇‖ above target (a flat minimum the Hessian-free polish could not resolve):
             # the certificate's factorisation preconditions Newton steps on exact products from here, so the
             # next dense Hessian is the one that certifies, not another round's
-            x, _ = newton_polish(objective, x, 1, config.grad_tol, on_note=bar.set_note, factorised=factorised.pop())
+            x, _ = newton_polish(objective, x, 1, config.grad_tol, on_note=bar.set_note, factorised=factorised.pop(),
+                                 products=config.hessian_products)
             continue
         if certificate.eig_min < 0 and escaped[0] < config.max_escapes:
             moved = escape_saddle(objective, x, lowest)
@@ -223,7 +228,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
                   chord_steps: int = 20, on_note: Callable[[str], object] | None = None,
                   on_escape: Callable[[], object] | None = None,
                   approximate: Objective | None = None,
-                  factorised: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, bool]:
+                  factorised: tuple[Tensor, Tensor] | None = None,
+                  products: str = "double-backward") -> tuple[Tensor, bool]:
     """Saddle-free Newton steps (|eigenvalues| of the dense Hessian) with step halving.
 
     Near a minimum this is plain Newton and converges quadratically. Where a fresh Hessian has a
@@ -241,14 +247,15 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     ``objective`` preconditioned by it (``APPROXIMATE_CG_ITERS``); its negative eigenvalues prove nothing
     about ``objective``, so saddles are left to the caller's certificate.
     ``factorised``: (eigenvalues [D], eigenvectors [D, D]) of ∇²objective(x) already built (a certificate's),
-    used as the first step's factorisation instead of building one.
+    used as the first step's factorisation instead of building one. ``products``: how a dense Hessian's
+    products are made (``curvature.hessian_products``).
     """
     value = float(objective(x))
     dim = x.numel()
     saddles = 0               # reported: stepping off a saddle makes ‖∇‖ rise for a while, on purpose
     for step in range(steps):
         g = _gradient(objective, x)
-        hvp = batched_hvp(objective if approximate is None else approximate, x, rhs_block=256)
+        hvp = hessian_products(objective if approximate is None else approximate, x, products, rhs_block=256)
 
         def columns(first: int, last: int, total: int, step=step, gnorm=float(g.norm()), saddles=saddles) -> None:
             escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
