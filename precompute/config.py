@@ -374,7 +374,7 @@ class RunConfig:
     test_ids:     explicit finetune test ids to score.
     validate:     run the retraining validation and baselines.
     clean:        run mislabel detection and clean-and-retrain (always on when label_noise > 0).
-    quick:        small sizes for tests and smoke runs (digits and news well under a minute; fashion 3-8 minutes on 2 CPU cores, by seed and CPU).
+    quick:        small sizes for tests and smoke runs (digits and news well under a minute; fashion 2-6 minutes on 2 CPU cores, by seed and CPU).
     overwrite:    replace an existing run directory (only after the new one is complete).
     scores_to_disk: stream scores into the run directory's .npy files (memory maps, written block
                   by block by every rank) instead of holding the [T, m] matrices in memory; for

@@ -165,7 +165,7 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) trains for "
                 "32-48 minutes on 2 CPU cores, and its retraining check about 50 minutes more (1h40m in all, one run: "
-                "docs/evidence.md; --no-validate skips the check); --quick takes 3-8 minutes, "
+                "docs/evidence.md; --no-validate skips the check); --quick takes 2-6 minutes, "
                 "and --device cuda runs the full size faster")
     if config.data.preset == "fashion-all" and not config.quick and device_type == "cpu" \
             and config.influence.agreement_solver:
@@ -278,7 +278,7 @@ slid far from the trained minimum (‖∇‖ 1.6e-2)."""
 
 def quick_config(config: RunConfig) -> RunConfig:
     """Quick mode (``--quick``), the one place it is defined: small sizes for smoke tests and CI
-    (digits and news well under a minute, fashion 3-8 minutes on 2 CPU cores, by seed and CPU). Per-class caps on both
+    (digits and news well under a minute, fashion 2-6 minutes on 2 CPU cores, by seed and CPU). Per-class caps on both
     tasks (``QUICK_CAPS``, where no cap is set), the smaller fashion CNN (``QUICK_MODELS``), 6 scored
     test points, a 3-point retraining check and 3-fold cleaning."""
     if config.data.preset == "fashion-all":
