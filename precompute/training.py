@@ -146,6 +146,8 @@ def minimize(objective: Objective, x0: Tensor, config: TrainConfig, desc: str | 
             # positive definite but ‖∇‖ above target (a flat minimum the Hessian-free polish could not resolve):
             # the certificate's factorisation preconditions Newton steps on exact products from here, so the
             # next dense Hessian is the one that certifies, not another round's
+            bar.set_note(f"Newton steps with the certificate's factorisation from ‖∇‖ {certificate.grad_norm:.1e} "
+                         f"(target {config.grad_tol:.0e}, λ_min {certificate.eig_min:.1e})")
             x, _ = newton_polish(objective, x, 1, config.grad_tol, on_note=bar.set_note, factorised=factorised.pop(),
                                  products=config.hessian_products)
             continue
