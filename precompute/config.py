@@ -396,7 +396,7 @@ class RunConfig:
                                   "and wrong predictions")
     test_ids: tuple[int, ...] = knob((), "explicit finetune test ids, e.g. 0,5,9")
     validate: bool = True
-    quick: bool = knob(False, "small sizes for smoke tests (digits, news < 1 min; fashion 3-8 min on a 2-core CPU)")
+    quick: bool = knob(False, "small sizes for smoke tests (digits, news < 1 min; fashion 2-6 min on a 2-core CPU)")
     overwrite: bool = knob(False, "replace an existing run (the old one is kept until the new one is complete)")
     scores_to_disk: bool = knob(False, "stream scores into the run directory chunk by chunk (memory maps) "
                                        "instead of holding them in memory; for very large pretraining sets")

@@ -257,7 +257,6 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
     saddles = 0               # reported: stepping off a saddle makes ‖∇‖ rise for a while, on purpose
     for step in range(steps):
         g = _gradient(objective, x)
-        hvp = hessian_products(objective if approximate is None else approximate, x, products, rhs_block=256)
 
         def columns(first: int, last: int, total: int, step=step, gnorm=float(g.norm()), saddles=saddles) -> None:
             escaped = f", {saddles} saddle{'s' if saddles > 1 else ''} left behind" if saddles else ""
@@ -265,7 +264,8 @@ def newton_polish(objective: Objective, x: Tensor, steps: int, grad_tol: float =
 
         if step == 0 and factorised is not None:
             evals, evecs = factorised
-        else:
+        else:                                   # (the products are only built where a factorisation is)
+            hvp = hessian_products(objective if approximate is None else approximate, x, products, rhs_block=256)
             hessian = dense_hessian(hvp, dim, x.dtype, x.device, on_columns=columns if on_note is not None else None)
             evals, evecs = torch.linalg.eigh(hessian)
             del hessian
