@@ -5,7 +5,8 @@ per seed, each into a temporary directory) and reads each run's manifest. Prints
 (never pooled), the median and [min, max] over seeds of: Pearson, Spearman and slope of predicted
 against actual warm-start leave-one-out retraining, converged pairs (of all pairs), finetune
 accuracy, and whether every stage was a certified minimum; then the wall time of each step and
-of the whole run. ``--json`` adds the per-seed rows as one JSON object on the last line.
+of the whole run. A run checked by a reference solver instead of retraining (fashion-all) also gets its
+solver agreement (Pearson, Spearman, top-100 overlaps) per scenario. ``--json`` adds the per-seed rows as one JSON object on the last line.
 
 Usage: python benchmarks/bench_seeds.py --preset digits [--quick] [--seeds 0,1,2,3,4] [--threads N]
        [--init-jitter 1e-12] [-- extra precompute flags]
@@ -50,7 +51,19 @@ def run_seed(preset: str, seed: int, quick: bool, threads: int | None, extra: li
             "eig_min": min(t.get("eig_min") or float("nan") for t in training.values()),
             "reasons": v.get("not_converged_reasons", {}),
             "baselines_spearman": {k: (b.get(s) or {}).get("spearman") for k, b in manifest.get("baselines", {}).items()}}
+        agreement = (manifest.get("solver_agreement") or {}).get(s)
+        if agreement and "error" not in agreement:     # a run checked by a reference solver, not by retraining
+            row["scenarios"][s]["agreement"] = {k: agreement.get(k) for k in (
+                "reference", "pearson", "spearman", "top_helpful_overlap", "top_harmful_overlap", "n_test_points")}
     return row
+
+
+def seed_line(scenario: str, figures: dict) -> str:
+    """One scenario of one seed for the progress line: retraining Pearson and pairs, or solver agreement."""
+    if figures.get("pearson") is not None:
+        return f"{scenario} P {figures['pearson']:.3f} ({figures['pairs']}/{figures['all_pairs']})"
+    agreement = figures.get("agreement")
+    return f"{scenario} vs {agreement['reference']} P {agreement['pearson']:.3f}" if agreement else f"{scenario} unchecked"
 
 
 def median_range(values) -> str:
@@ -75,6 +88,15 @@ def table(rows: list[dict]) -> list[str]:
         out.append(f"| {s} | {median_range([p['pearson'] for p in per])} | {median_range([p['spearman'] for p in per])} "
                    f"| {median_range([p['slope'] for p in per])} | {pairs} | {median_range([p['accuracy'] for p in per])} "
                    f"| {sum(p['certified'] for p in per)} of {len(per)} |")
+    if all("agreement" in r["scenarios"][s] for r in ok for s in r["scenarios"]):
+        ref = ok[0]["scenarios"][next(iter(ok[0]["scenarios"]))]["agreement"]
+        out += ["", f"Solver agreement with {ref['reference']} on {ref['n_test_points']} test points (no retraining check):",
+                "", "| scenario | Pearson | Spearman | top-100 helpful overlap | top-100 harmful overlap |",
+                "|---|---|---|---|---|"]
+        for s in ok[0]["scenarios"]:
+            per = [r["scenarios"][s]["agreement"] for r in ok]
+            out.append(f"| {s} | " + " | ".join(median_range([p[k] for p in per]) for k in (
+                "pearson", "spearman", "top_helpful_overlap", "top_harmful_overlap")) + " |")
     out += ["", "| step | seconds |", "|---|---|"]
     for step in ok[0]["timings_s"]:
         out.append(f"| {step} | {median_range([r['timings_s'].get(step) for r in ok])} |")
@@ -108,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             rows.append(run_seed(args.preset, seed, args.quick, args.threads, extra, Path(tmp) / f"seed{seed}"))
             r = rows[-1]
-            summary = ", ".join(f"{s} P {v['pearson']:.3f} ({v['pairs']}/{v['all_pairs']})"
-                                for s, v in r.get("scenarios", {}).items()) if r["ok"] else r["error"]
+            summary = ", ".join(seed_line(s, v) for s, v in r.get("scenarios", {}).items()) if r["ok"] else r["error"]
             print(f"seed {seed}: {r['wall_s']:.0f}s, {summary}", file=sys.stderr, flush=True)
     name = f"{args.preset}{' --quick' if args.quick else ''}"
     print(f"## {name}: " + "\n".join(table(rows)))
