@@ -92,6 +92,7 @@ def test_large_in_memory_sets_use_chunked_products(task, monkeypatch, curvature)
     v = torch.randn(len(p), 3, dtype=p.dtype)
     whole = pretrain_curvature(task, p, curvature)(v)
     monkeypatch.setattr(cv, "IN_MEMORY_GRAPH_MAX", 10)
+    monkeypatch.setattr(cv, "GGN_CHUNK", 7)
     monkeypatch.setattr("precompute.streaming.DEFAULT_CHUNK", 7)
     torch.testing.assert_close(pretrain_curvature(task, p, curvature)(v), whole, rtol=1e-10, atol=1e-13)
 
@@ -208,3 +209,31 @@ def test_forward_over_reverse_products_are_the_hessian_of_a_conv_net():
     torch.testing.assert_close(full[:, ::7], products, rtol=0, atol=1e-14)
     with pytest.raises(ConfigError, match="use one of double-backward, forward-over-reverse"):
         hessian_products(objective, x, "finite-differences")
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 12])
+def test_streamed_gauss_newton_products_of_a_conv_net_equal_brute_force(chunk):
+    """fashion-all's Gauss-Newton products stream forward mode chunk by chunk (``GGN_CHUNK``): on a small conv
+    net (float64, 12 images, a chunk that does not divide them) they equal (1/n) Σ Jᵢᵀ Hᵢ Jᵢ from full Jacobians,
+    as the kept graph (chunk 0) does, for several columns at once and in blocks of 2."""
+    from precompute.curvature import ggn_hvp
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    shapes = [(4, 1, 3, 3), (4,), (3, 4 * 6 * 6), (3,)]
+    sizes = [int(torch.tensor(s).prod()) for s in shapes]
+
+    def outputs(x, inputs):
+        w1, b1, w2, b2 = (part.reshape(shape) for part, shape in zip(torch.split(x, sizes), shapes))
+        return torch.tanh(torch.nn.functional.conv2d(inputs, w1, b1)).flatten(1) @ w2.T + b2
+
+    def loss(z, y):
+        return torch.nn.functional.cross_entropy(z, y, reduction="none")
+
+    x = 0.3 * torch.randn(sum(sizes), dtype=torch.float64, generator=gen)
+    diagonal = torch.full_like(x, 1e-2)
+    expected = dense_ggn(outputs, loss, x, images, labels, 12) + 1e-2 * torch.eye(len(x), dtype=x.dtype)
+    columns = torch.randn(len(x), 5, dtype=torch.float64, generator=gen)
+    got = ggn_hvp(outputs, loss, x, images, labels, 12, diagonal, chunk_size=chunk, rhs_block=2)(columns)
+    torch.testing.assert_close(got, expected @ columns, rtol=1e-10, atol=1e-12)
