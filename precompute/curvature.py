@@ -245,10 +245,9 @@ def _streamed_ggn(outputs: Outputs, loss_fn, point: Tensor, x: Tensor, y: Tensor
     """Σ_i J_iᵀ H_i J_i v over one chunk [k columns of v: D x k], nothing kept afterwards.
 
     J v is forward mode (``torch.func.jvp``, vmapped over the columns, the primal computed once) and Jᵀ
-    one batched vector-Jacobian product: at fashion-all's size (30,000 garments, 54,693 parameters, 2 CPU
-    cores, chunks of ``GGN_CHUNK``) a column costs 1.9 s this way, 5.2 s by the double backward chunk by
-    chunk and 9 s through one graph kept over all 30,000 (an AMD EPYC; the graph's activations do not stay
-    in cache)."""
+    one batched vector-Jacobian product: at fashion-all's size (30,000 garments, 54,693 parameters, float32,
+    2 cores of an AMD EPYC, blocks of 4 columns, chunks of ``GGN_CHUNK``) a column costs 3.3 s this way, 5.2 s
+    by the double backward chunk by chunk and 9.0 s through one graph kept over all 30,000."""
     from torch.func import jvp, vjp, vmap
 
     def model(pp: Tensor) -> Tensor:
@@ -339,8 +338,9 @@ IN_MEMORY_GRAPH_MAX = 32_768
 over the whole set (measured: 2,632 MiB at m = 100k in one graph, 755 MiB chunked)."""
 GGN_CHUNK = 2048
 """Above this many pretraining examples, Gauss-Newton products stream in chunks of this many (``_streamed_ggn``):
-on fashion-all (30,000 garments) a column cost 1.9 s in chunks of 2,048 against 9 s through one graph kept over
-the whole set (2 cores of an AMD EPYC; chunks of 1,024 and 4,096 were slower). Below it one graph is kept."""
+on fashion-all (30,000 garments, 2 cores of an AMD EPYC) a column cost 3.3 s in chunks of 2,048 against 9.0 s
+through one graph kept over the whole set, and chunks of 1,024 and 4,096 were slower (4.2 and 4.5-5.2 s); its pcg
+agreement check took 13m48s instead of 38m28s. Below it one graph is kept (the fastest for small sets)."""
 
 
 def pretrain_curvature(task, p: Tensor, curvature: str = "hessian", chunk_size: int = 0) -> BatchedHVP:

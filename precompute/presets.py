@@ -171,7 +171,7 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
             and config.influence.agreement_solver:
         return ("note: fashion-all scores 30,000 garments with ekfac in about 2 minutes on 2 CPU cores; its check "
                 f"against {config.influence.agreement_solver} on {config.influence.agreement_points} test points "
-                "takes about 20 more (one run: docs/evidence.md); --agreement-solver '' skips it")
+                "takes about 14 more (seeds 0-2: docs/evidence.md); --agreement-solver '' skips it")
     return None
 
 
