@@ -6,7 +6,8 @@ per seed, each into a temporary directory) and reads each run's manifest. Prints
 against actual warm-start leave-one-out retraining, converged pairs (of all pairs), finetune
 accuracy, and whether every stage was a certified minimum; then the wall time of each step and
 of the whole run. A run checked by a reference solver instead of retraining (fashion-all) also gets its
-solver agreement (Pearson, Spearman, top-100 overlaps) per scenario. ``--json`` adds the per-seed rows as one JSON object on the last line.
+solver agreement (Pearson, Spearman, top-100 overlaps) per scenario. ``--json`` adds the per-seed rows
+as one JSON object on the last line.
 
 Usage: python benchmarks/bench_seeds.py --preset digits [--quick] [--seeds 0,1,2,3,4] [--threads N]
        [--init-jitter 1e-12] [-- extra precompute flags]

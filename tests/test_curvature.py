@@ -178,6 +178,21 @@ def test_a_run_shares_each_stage_hessian_once_and_releases_them(tmp_path, monkey
     assert len(stores) == 1 and next(iter(stores)).keys() == []          # one chain's store, cleared
 
 
+def _tiny_conv_net(gen: torch.Generator):
+    """12 random 8x8 images, 3 labels, and outputs(x, images) of a conv(4, 3x3) -> tanh -> linear(3) net whose
+    parameters are the flat float64 vector x; returns (images, labels, outputs, number of parameters)."""
+    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    shapes = [(4, 1, 3, 3), (4,), (3, 4 * 6 * 6), (3,)]
+    sizes = [int(torch.tensor(s).prod()) for s in shapes]
+
+    def outputs(x, inputs):
+        w1, b1, w2, b2 = (part.reshape(shape) for part, shape in zip(torch.split(x, sizes), shapes))
+        return torch.tanh(torch.nn.functional.conv2d(inputs, w1, b1)).flatten(1) @ w2.T + b2
+
+    return images, labels, outputs, sum(sizes)
+
+
 def test_forward_over_reverse_products_are_the_hessian_of_a_conv_net():
     """The quick fashion CNN's dense Hessians are built forward-over-reverse: on a small conv net (float64) its
     columns equal central differences of the gradient and the double backward's, and a dense build from them is
@@ -186,17 +201,12 @@ def test_forward_over_reverse_products_are_the_hessian_of_a_conv_net():
     from precompute.errors import ConfigError
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=gen)
-    labels = torch.randint(0, 3, (12,), generator=gen)
-    shapes = [(4, 1, 3, 3), (4,), (3, 4 * 6 * 6), (3,)]
-    sizes = [int(torch.tensor(s).prod()) for s in shapes]
+    images, labels, outputs, size = _tiny_conv_net(gen)
 
     def objective(x):
-        w1, b1, w2, b2 = (part.reshape(shape) for part, shape in zip(torch.split(x, sizes), shapes))
-        hidden = torch.tanh(torch.nn.functional.conv2d(images, w1, b1)).flatten(1)
-        return torch.nn.functional.cross_entropy(hidden @ w2.T + b2, labels) + 5e-3 * (x * x).sum()
+        return torch.nn.functional.cross_entropy(outputs(x, images), labels) + 5e-3 * (x * x).sum()
 
-    x = 0.3 * torch.randn(sum(sizes), dtype=torch.float64, generator=gen)
+    x = 0.3 * torch.randn(size, dtype=torch.float64, generator=gen)
     columns = torch.eye(x.numel(), dtype=torch.float64)[:, ::7]
     products = forward_over_reverse_hvp(objective, x, chunk=4)(columns)
     grad = torch.func.grad(objective)
@@ -219,19 +229,12 @@ def test_streamed_gauss_newton_products_of_a_conv_net_equal_brute_force(chunk):
     from precompute.curvature import ggn_hvp
 
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=gen)
-    labels = torch.randint(0, 3, (12,), generator=gen)
-    shapes = [(4, 1, 3, 3), (4,), (3, 4 * 6 * 6), (3,)]
-    sizes = [int(torch.tensor(s).prod()) for s in shapes]
-
-    def outputs(x, inputs):
-        w1, b1, w2, b2 = (part.reshape(shape) for part, shape in zip(torch.split(x, sizes), shapes))
-        return torch.tanh(torch.nn.functional.conv2d(inputs, w1, b1)).flatten(1) @ w2.T + b2
+    images, labels, outputs, size = _tiny_conv_net(gen)
 
     def loss(z, y):
         return torch.nn.functional.cross_entropy(z, y, reduction="none")
 
-    x = 0.3 * torch.randn(sum(sizes), dtype=torch.float64, generator=gen)
+    x = 0.3 * torch.randn(size, dtype=torch.float64, generator=gen)
     diagonal = torch.full_like(x, 1e-2)
     expected = dense_ggn(outputs, loss, x, images, labels, 12) + 1e-2 * torch.eye(len(x), dtype=x.dtype)
     columns = torch.randn(len(x), 5, dtype=torch.float64, generator=gen)
