@@ -164,8 +164,8 @@ def cost_note(config: RunConfig, device_type: str) -> str | None:
     None otherwise."""
     if config.data.preset == "fashion" and not config.quick and device_type == "cpu":
         return ("note: the full fashion preset (m = 5,000 garments, a CNN of 1,989 parameters, float64) trains for "
-                "32-48 minutes on 2 CPU cores, and its retraining check about 50 minutes more (1h40m in all, one run: "
-                "docs/evidence.md; --no-validate skips the check); --quick takes 2-6 minutes, "
+                "33-48 minutes on 2 CPU cores, and its retraining check 41-52 minutes more (74 minutes to 1h40m in all, "
+                "seeds 0 and 1: docs/evidence.md; --no-validate skips the check); --quick takes 2-6 minutes, "
                 "and --device cuda runs the full size faster")
     if config.data.preset == "fashion-all" and not config.quick and device_type == "cpu" \
             and config.influence.agreement_solver:
