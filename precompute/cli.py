@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-points", **option("validation.n_test_points"))
     g.add_argument("--k", **option("validation.k"))
     g.add_argument("--retrain-iters", **option("validation.retrain_max_iter"))
+    g.add_argument("--retrain-newton-steps", **option("validation.retrain_newton_steps"))
     g.add_argument("--group-percents", type=_csv(float), **option("validation.group_percents"))
     g.add_argument("--lds", **option("validation.lds"))
 
@@ -322,7 +323,8 @@ def check_args(args: argparse.Namespace) -> None:
          "must be two channel counts of at least 1", "8,16")
     for flag, value in (("--pretrain-l2", args.pretrain_l2), ("--finetune-l2", args.finetune_l2)):
         need(value is None or (finite(value) and value >= 0), flag, value, "must be a finite number >= 0", "1e-2")
-    for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps)):
+    for flag, value in (("--train-iters", args.train_iters), ("--newton-steps", args.newton_steps),
+                        ("--retrain-newton-steps", args.retrain_newton_steps)):
         need(value is None or value >= 0, flag, value, "must be 0 or more", "10")
     need(args.minibatch_epochs >= 0, "--minibatch-epochs", args.minibatch_epochs, "must be 0 or more", "10")
     need(finite(args.minibatch_lr) and args.minibatch_lr > 0, "--minibatch-lr", args.minibatch_lr,

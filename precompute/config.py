@@ -256,7 +256,11 @@ class ValidationConfig:
     retrain_max_iter: iteration cap per retraining.
     per_model_hessians: stragglers (still above tol after ``retraining.SHARED_ITERS`` steps) get a dense
                      Hessian of their own every ``REFRESH_ITERS`` steps (P products each); False keeps
-                     the shared preconditioner for every step (models whose Hessian costs minutes).
+                     the shared preconditioner (models whose Hessian costs minutes).
+    retrain_newton_steps: without per-model Hessians, stragglers after ``retraining.NEWTON_AFTER`` L-BFGS
+                     steps take up to this many truncated Newton steps (CG on Hessian-vector products,
+                     preconditioned by the shared Hessian; up to ``retraining.NEWTON_CG_ITERS`` products
+                     per step per model); 0 = L-BFGS to the cap.
     batch_size:      retrainings run together in one batched (vmapped) optimisation.
     seed:            seed of the random removals and subsets.
     """
@@ -273,6 +277,8 @@ class ValidationConfig:
     batch_size: int = 64
     seed: int = 0
     per_model_hessians: bool = True
+    retrain_newton_steps: int = knob(0, "without per-model Hessians (the CNN presets), truncated Newton steps at most "
+                                        "for retrainings still above the tolerance after 30 L-BFGS steps (0 = off)")
 
 
 @dataclass(frozen=True)

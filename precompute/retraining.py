@@ -19,8 +19,11 @@ halved until the objective decreases (Armijo; a safeguard for non-convex objecti
 still above tol after ``SHARED_ITERS`` steps get a dense Hessian of their own at their current
 point, refreshed every ``REFRESH_ITERS`` steps (saddle-free: |eigenvalues|): this is needed when a
 removal makes the local minimum vanish (a fold) and the model slides to another basin, far from
-where the shared M is accurate. A model has converged when ‖∇L_b‖₂ ≤ tol within max_iter steps;
-the others are flagged.
+where the shared M is accurate. Where a per-model Hessian costs too much (the CNNs: P Hessian products
+each, 35 s to 14 minutes), stragglers after ``NEWTON_AFTER`` steps can switch to truncated Newton
+(``newton_cg``: CG on Hessian-vector products, preconditioned by the shared M), which resolves every
+direction in which H_b differs from M where L-BFGS keeps ``HISTORY`` pairs. A model has converged when
+‖∇L_b‖₂ ≤ tol within max_iter steps; the others are flagged.
 
 Limit: M is dense, [D, D] with D = P (pretraining) or Q (finetuning), up to ``MAX_DENSE_PARAMS``
 (memory D² floats and an O(D³) eigendecomposition). Above it (the fashion CNN) M is a low-rank
@@ -64,6 +67,10 @@ would exceed REFRESH_BYTES (D = 1125: 16 models, 160 MB; D = 5000: 2 models)."""
 # where the decrease of a Newton step (~‖g‖²/λ) is itself of the order of a few ulps.
 MAX_ESCAPES = 2
 """Saddle escapes per retrained model and stage (``Retrainer.certify_stage``)."""
+NEWTON_AFTER = 30
+"""Without per-model dense Hessians: L-BFGS steps with the shared M before stragglers switch to ``newton_cg``."""
+NEWTON_CG_ITERS = 50
+"""Conjugate-gradient iterations at most per truncated Newton step (``newton_cg``)."""
 
 BatchedObjective = Callable[[Tensor, Tensor], Tensor]
 """(x [D], data [...]) -> scalar objective of one model, vmapped over models."""
@@ -217,6 +224,96 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
     return r
 
 
+def newton_cg(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Preconditioner, tol: float,
+              max_steps: int, cg_iters: int = NEWTON_CG_ITERS, on_iter: OnIteration | None = None) -> StageFit:
+    """Minimise objective(x_b, data_b) for every row b by truncated Newton steps, all rows batched.
+
+    x0 [B, D], data [B, ...]. Each step solves H_b d = −g_b by conjugate gradients preconditioned with
+    the shared M⁻¹ (one batched Hessian-vector product per CG iteration, only for rows still iterating),
+    to a relative residual η_b = min(0.5, √‖g_b‖) (superlinear local convergence, Nocedal & Wright
+    §7.1), or until CG meets non-positive curvature (then the last iterate, or at the first iteration the
+    preconditioned gradient step −M⁻¹g_b, both descent directions), or ``cg_iters``. The step is then
+    backtracked from t = 1 (Armijo). Where L-BFGS keeps ``HISTORY`` curvature pairs, CG resolves every
+    direction in which H_b differs from M, which is what a removal of many examples changes: the
+    helpful or harmful groups move the model along the low-curvature directions the shared M
+    underestimates. Rows at ‖∇‖ ≤ tol are never touched again (batched equals one at a time).
+    """
+    batched = vmap(grad_and_value(objective), in_dims=(0, 0))
+    grad_f = grad(objective)
+    hvp = vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])
+    x = x0.detach().clone()
+    g, f = batched(x, data)
+    gnorm = g.norm(dim=1)
+    stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
+    steps = 0
+    for _ in range(max_steps):
+        active = ((gnorm > tol) & ~stalled).nonzero()[:, 0]
+        if active.numel() == 0:
+            break
+        steps += 1
+        ga, xa, da = g[active], x[active], data[active]
+        step = _truncated_cg(lambda rows, v: hvp(xa[rows], da[rows], v), lambda v, rows: precond(v, active[rows]),
+                             ga, cg_iters)
+        slope = (ga * step).sum(1)
+        t = torch.ones(len(active), dtype=x.dtype, device=x.device)
+        todo = torch.arange(len(active), device=x.device)
+        for _ in range(MAX_HALVINGS + 1):
+            cand = xa[todo] + t[todo, None] * step[todo]
+            gc, fc = batched(cand, da[todo])
+            fa = f[active[todo]]
+            ok = torch.isfinite(fc) & (fc <= fa + ARMIJO * t[todo] * slope[todo] + slack * fa.abs().clamp_min(1.0))
+            rows = active[todo[ok]]
+            x[rows], g[rows], f[rows] = cand[ok], gc[ok], fc[ok]
+            todo = todo[~ok]
+            if todo.numel() == 0:
+                break
+            t[todo] = t[todo] / 2
+        stalled[active[todo]] = True
+        gnorm = g.norm(dim=1)
+        if on_iter is not None:
+            on_iter(steps, gnorm)
+    return StageFit(x, gnorm, gnorm <= tol, steps, stalled & (gnorm > tol))
+
+
+def _truncated_cg(hvp: Callable[[Tensor, Tensor], Tensor], precond: Callable[[Tensor, Tensor], Tensor], g: Tensor,
+                  max_iter: int) -> Tensor:
+    """d [B, D] ≈ −H_b⁻¹ g_b by preconditioned CG per row (``newton_cg``); ``hvp(rows, V)`` and
+    ``precond(V, rows)`` act on the rows still iterating. Always a descent direction: a row that meets
+    non-positive curvature keeps its last iterate (the preconditioned gradient step at the first)."""
+    b = len(g)
+    d = torch.zeros_like(g)
+    r = -g
+    z = precond(r, torch.arange(b, device=g.device))
+    p, rz = z.clone(), (r * z).sum(1)
+    forcing = g.norm(dim=1).sqrt().clamp(max=0.5) * g.norm(dim=1)
+    running = torch.ones(b, dtype=torch.bool, device=g.device)
+    for k in range(max_iter):
+        rows = running.nonzero()[:, 0]
+        if rows.numel() == 0:
+            break
+        hp = hvp(rows, p[rows])
+        curv = (p[rows] * hp).sum(1)
+        flat = ~(curv > 0)
+        if k == 0 and bool(flat.any()):
+            d[rows[flat]] = z[rows[flat]]
+        running[rows[flat]] = False
+        keep, hp = rows[~flat], hp[~flat]
+        alpha = rz[keep] / curv[~flat]
+        d[keep] += alpha[:, None] * p[keep]
+        r[keep] -= alpha[:, None] * hp
+        done = r[keep].norm(dim=1) <= forcing[keep]
+        running[keep[done]] = False
+        go = keep[~done]
+        if go.numel() == 0:
+            break
+        z_go = precond(r[go], go)
+        rz_new = (r[go] * z_go).sum(1)
+        p[go] = z_go + (rz_new / rz[go])[:, None] * p[go]
+        rz[go] = rz_new
+    return d
+
+
 def negative_curvature(eig_min: Tensor) -> Tensor:
     """[B] bool: the λ_min estimate is not positive (NaN, not checked, counts as no evidence)."""
     return ~(eig_min > 0) & ~eig_min.isnan()
@@ -224,7 +321,7 @@ def negative_curvature(eig_min: Tensor) -> Tensor:
 
 def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: Preconditioner, tol: float,
                 max_iter: int, what: str, on_iter: OnIteration | None = None,
-                per_model: bool = True) -> tuple[StageFit, int]:
+                per_model: bool = True, newton_steps: int = 0) -> tuple[StageFit, int]:
     """All rows with the shared M first; stragglers then get their own M at their current point.
 
     Up to ``SHARED_ITERS`` steps use the shared M: leave-one-out (optimum O(1/m) away) takes a
@@ -234,13 +331,26 @@ def solve_stage(objective: BatchedObjective, x0: Tensor, data: Tensor, shared: P
     local minimum vanished and the model slides to another basin); it gets a fresh dense Hessian
     at its current point every ``REFRESH_ITERS`` steps, in groups of ``REFRESH_GROUP``, until
     converged or ``max_iter`` steps in all. Returns (fit, number of per-model Hessians built).
-    ``per_model`` False: the shared M serves every step (no per-model Hessians).
+    ``per_model`` False (or D above ``MAX_DENSE_PARAMS``): no per-model Hessians; the shared M serves every
+    L-BFGS step, and with ``newton_steps`` > 0 the stragglers after ``NEWTON_AFTER`` steps take up to that
+    many truncated Newton steps (``newton_cg``, the shared M as CG's preconditioner), within ``max_iter``.
     """
     large = x0.shape[1] > MAX_DENSE_PARAMS or not per_model       # shared M for every step (no dense M_b)
-    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, max_iter if large else min(max_iter, SHARED_ITERS),
-                               on_iter=on_iter)
+    first = min(max_iter, (NEWTON_AFTER if newton_steps else max_iter) if large else SHARED_ITERS)
+    fit = preconditioned_lbfgs(objective, x0, data, shared, tol, first, on_iter=on_iter)
     x, gnorm, conv, used, built = fit.params, fit.grad_norm, fit.converged, fit.iterations, 0
     stalled = fit.stalled.clone()
+    left = (~conv).nonzero()[:, 0]
+    if large and newton_steps and left.numel() and max_iter > first:
+        def newton_iter(it: int, gn: Tensor) -> None:
+            merged = gnorm.clone()
+            merged[left] = gn
+            on_iter(first + it, merged)
+
+        sub = newton_cg(objective, x[left], data[left], shared, tol, min(newton_steps, max_iter - first),
+                        on_iter=newton_iter if on_iter is not None else None)
+        x[left], gnorm[left], conv[left], stalled[left] = sub.params, sub.grad_norm, sub.converged, sub.stalled
+        used = first + sub.iterations
     while not large and not bool(conv.all()) and used < max_iter:
         steps = min(REFRESH_ITERS, max_iter - used)
         left = (~conv).nonzero()[:, 0]
@@ -367,7 +477,7 @@ class Retrainer:
 
     def run(self, weights: Tensor, tol: float, max_iter: int,
             on_iter: Callable[[str, int, Tensor], object] | None = None, per_model: bool = True,
-            on_certify: Callable[[str, int, int], object] | None = None) -> RetrainResult:
+            on_certify: Callable[[str, int, int], object] | None = None, newton_steps: int = 0) -> RetrainResult:
         """Retrains both stages for every row of weights [B, m], all rows at once.
 
         ``on_iter(stage, iterations, ‖∇‖ [B])`` is called after every iteration and
@@ -378,15 +488,17 @@ class Retrainer:
         check = (lambda stage: None) if on_certify is None else (lambda stage: lambda j, n: on_certify(stage, j, n))
         fit, built["pretrain"] = solve_stage(
             self.objectives["pretrain"], self.start["pretrain"].expand(b, -1), weights, self.precond["pretrain"],
-            tol, max_iter, "pretraining", hook("pretraining"), per_model)
+            tol, max_iter, "pretraining", hook("pretraining"), per_model, newton_steps)
         fits["pretrain"], eig_min["pretrain"] = self.certify_stage("pretrain", fit, weights, tol, max_iter, per_model,
-                                                                   hook("pretraining"), check("pretraining"))
+                                                                   hook("pretraining"), check("pretraining"),
+                                                                   newton_steps)
         theta = fits["pretrain"].params[:, :nt]
         for s in self.scenarios:
             stage = f"finetuning ({s})"
             fit, built[s] = solve_stage(self.objectives[s], self.start[s].expand(b, -1), theta, self.precond[s],
-                                        tol, max_iter, stage, hook(stage), per_model)
-            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter, per_model, hook(stage), check(stage))
+                                        tol, max_iter, stage, hook(stage), per_model, newton_steps)
+            fits[s], eig_min[s] = self.certify_stage(s, fit, theta, tol, max_iter, per_model, hook(stage), check(stage),
+                                                     newton_steps)
         q = {s: torch.cat([theta, fits[s].params], 1) if s == "fixed" else fits[s].params for s in self.scenarios}
         start = self.start["pretrain"].expand(b, -1)
         g0 = vmap(grad(self.objectives["pretrain"]), in_dims=(0, 0))(start, weights)
@@ -397,7 +509,8 @@ class Retrainer:
 
     def certify_stage(self, stage: str, fit: StageFit, data: Tensor, tol: float, max_iter: int,
                       per_model: bool = True, on_iter: OnIteration | None = None,
-                      on_certify: Callable[[int, int], object] | None = None) -> tuple[StageFit, Tensor]:
+                      on_certify: Callable[[int, int], object] | None = None,
+                      newton_steps: int = 0) -> tuple[StageFit, Tensor]:
         """(fit, [B] λ_min estimates) after stepping models that ended beside a saddle off it.
 
         A retrained model whose Hessian has negative curvature (``inertia``) is not at a minimum, even
@@ -431,7 +544,7 @@ class Retrainer:
                 on_iter(it, every)
 
             sub, _ = solve_stage(self.objectives[stage], moved_x[moved], data[rows], self.precond[stage], tol,
-                                 max_iter, stage, merged if on_iter is not None else None, per_model)
+                                 max_iter, stage, merged if on_iter is not None else None, per_model, newton_steps)
             x[rows], gnorm[rows], conv[rows] = sub.params, sub.grad_norm, sub.converged
             stalled[rows] = sub.stalled
             again = rows[sub.converged | sub.stalled]
@@ -516,7 +629,7 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
                          f"certifying the retrained minima, Lanczos step {step}/{steps}")
 
         parts.append(retrainer.run(chunk, config.retrain_tol, config.retrain_max_iter, on_iter,
-                                   config.per_model_hessians, on_certify))
+                                   config.per_model_hessians, on_certify, config.retrain_newton_steps))
         bar.update((i + len(chunk)) * len(stages) - bar.n)
     bar.close()
     keys = ["pretrain", *retrainer.scenarios]
@@ -535,4 +648,4 @@ def retrain(task: TwoStageTask, trained: TrainedStages, weights: Tensor, config:
 
 
 __all__ = ["MAX_DENSE_PARAMS", "Preconditioner", "RetrainError", "RetrainResult", "Retrainer", "StageFit",
-           "preconditioned_lbfgs", "retrain", "solve_stage"]
+           "newton_cg", "preconditioned_lbfgs", "retrain", "solve_stage"]

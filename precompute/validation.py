@@ -25,7 +25,8 @@ from .config import ValidationConfig
 from .contract import GROUP_COLUMNS
 from .contract import PAIRS_CERTIFICATE_COLUMNS, PAIRS_COLUMNS as PAIR_COLUMNS
 from .metrics import fit_summary, pearson, spearman
-from .retraining import HISTORY, MAX_HALVINGS, REFRESH_ITERS, SHARED_ITERS, RetrainResult, retrain
+from .retraining import (HISTORY, MAX_HALVINGS, NEWTON_AFTER, REFRESH_ITERS, SHARED_ITERS, RetrainResult,
+                          retrain)
 from .task import TaskError, TwoStageTask
 from .training import TrainedStages
 
@@ -283,6 +284,10 @@ def _protocol(config: ValidationConfig, m: int, n_val: int, k: int) -> str:
     stragglers = (f"Models still above the tolerance after {SHARED_ITERS} steps get a dense Hessian of their own at "
                   f"their current point (refreshed every {REFRESH_ITERS} steps). " if config.per_model_hessians and
                   config.retrain_max_iter > SHARED_ITERS else
+                  f"No per-model Hessians: models still above the tolerance after {NEWTON_AFTER} steps take "
+                  f"truncated Newton steps (at most {config.retrain_newton_steps}, each conjugate gradients on exact "
+                  "Hessian-vector products preconditioned by the shared Hessian, stopped at a relative residual "
+                  "min(0.5, √‖∇‖)). " if config.retrain_newton_steps and config.retrain_max_iter > NEWTON_AFTER else
                   "Every step uses the shared preconditioner (no per-model Hessians). ")
     return (
         f"Ground truth by actual retraining on the first {n_val} scored test points. A pretraining example is "
