@@ -20,7 +20,7 @@ still above tol after ``SHARED_ITERS`` steps get a dense Hessian of their own at
 point, refreshed every ``REFRESH_ITERS`` steps (saddle-free: |eigenvalues|): this is needed when a
 removal makes the local minimum vanish (a fold) and the model slides to another basin, far from
 where the shared M is accurate. Where a per-model Hessian costs too much (the CNNs: P Hessian products
-each, 35 s to 14 minutes), stragglers after ``NEWTON_AFTER`` steps can switch to truncated Newton
+each, 35 s to 14 minutes), stragglers after ``NEWTON_AFTER`` steps can switch (opt-in) to truncated Newton
 (``newton_cg``: CG on Hessian-vector products, preconditioned by the shared M), which resolves every
 direction in which H_b differs from M where L-BFGS keeps ``HISTORY`` pairs. A model has converged when
 ‖∇L_b‖₂ ≤ tol within max_iter steps; the others are flagged.
@@ -162,14 +162,13 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
     s_hist, y_hist = torch.zeros(b, history, dim, **kw), torch.zeros(b, history, dim, **kw)
     rho = torch.zeros(b, history, **kw)          # 1/(sᵀy) per stored pair, 0 marks an empty slot
     stalled = torch.zeros(b, dtype=torch.bool, device=x.device)
-    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
     iterations = 0
     for _ in range(max_iter):
         active = ((gnorm > tol) & ~stalled).nonzero()[:, 0]
         if active.numel() == 0:
             break
         iterations += 1
-        ga, fa, xa, da = g[active], f[active], x[active], data[active]
+        ga, xa = g[active], x[active]
         step = -_two_loop(ga, s_hist[active], y_hist[active], rho[active], lambda v: precond(v, active))
         slope = (ga * step).sum(1)
         uphill = ~(slope < 0)                    # a stale history can lose descent: restart from M⁻¹
@@ -177,16 +176,9 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
             rho[active[uphill]] = 0.0
             step[uphill] = -precond(ga[uphill], active[uphill])
             slope = (ga * step).sum(1)
-        t = torch.ones(len(active), **kw)
-        todo = torch.arange(len(active), device=x.device)
-        for _ in range(MAX_HALVINGS + 1):
-            cand = xa[todo] + t[todo, None] * step[todo]
-            gc, fc = batched(cand, da[todo])
-            bound = fa[todo] + ARMIJO * t[todo] * slope[todo] + slack * fa[todo].abs().clamp_min(1.0)
-            ok = torch.isfinite(fc) & (fc <= bound)
-            rows, acc = active[todo[ok]], todo[ok]
-            s_new, y_new = cand[ok] - xa[acc], gc[ok] - ga[acc]
-            x[rows], g[rows], f[rows] = cand[ok], gc[ok], fc[ok]
+
+        def keep_pair(acc: Tensor, cand: Tensor, gc: Tensor) -> None:
+            rows, s_new, y_new = active[acc], cand - xa[acc], gc - ga[acc]
             # Keep a pair only with positive curvature, so the implied inverse Hessian stays PD.
             sy = (s_new * y_new).sum(1)
             keep = sy > 1e-12 * s_new.norm(dim=1) * y_new.norm(dim=1)
@@ -194,16 +186,40 @@ def preconditioned_lbfgs(objective: BatchedObjective, x0: Tensor, data: Tensor, 
             s_hist[rows_k] = torch.cat([s_new[keep, None], s_hist[rows_k, :-1]], 1)
             y_hist[rows_k] = torch.cat([y_new[keep, None], y_hist[rows_k, :-1]], 1)
             rho[rows_k] = torch.cat([(1.0 / sy[keep])[:, None], rho[rows_k, :-1]], 1)
-            todo = todo[~ok]
-            if todo.numel() == 0:
-                break
-            t[todo] = t[todo] / 2
+
+        todo = _backtrack(batched, x, g, f, data, active, step, slope, keep_pair)
         # No decrease even with a 2⁻³⁰ step: the rounding floor is reached; stop that model.
         stalled[active[todo]] = True
         gnorm = g.norm(dim=1)
         if on_iter is not None:
             on_iter(iterations, gnorm)
     return StageFit(x, gnorm, gnorm <= tol, iterations, stalled & (gnorm > tol))
+
+
+def _backtrack(batched: Callable, x: Tensor, g: Tensor, f: Tensor, data: Tensor, active: Tensor, step: Tensor,
+               slope: Tensor, accepted: Callable[[Tensor, Tensor, Tensor], object] | None = None) -> Tensor:
+    """Per active row, x_b + t·step_b for the first t in 1, 1/2, ... 2^-MAX_HALVINGS that passes Armijo (with a
+    rounding slack of ``ROUNDING_ULPS`` ulps of |f|); x, g, f [B, ...] are updated in place for those rows.
+    ``accepted(local indices, candidates, their gradients)`` sees each batch of accepted rows before the
+    update. Returns the local indices (into ``active``) that found no step: the rounding floor."""
+    xa, fa, da = x[active], f[active], data[active]
+    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
+    t = torch.ones(len(active), dtype=x.dtype, device=x.device)
+    todo = torch.arange(len(active), device=x.device)
+    for _ in range(MAX_HALVINGS + 1):
+        cand = xa[todo] + t[todo, None] * step[todo]
+        gc, fc = batched(cand, da[todo])
+        bound = fa[todo] + ARMIJO * t[todo] * slope[todo] + slack * fa[todo].abs().clamp_min(1.0)
+        ok = torch.isfinite(fc) & (fc <= bound)
+        if accepted is not None and bool(ok.any()):
+            accepted(todo[ok], cand[ok], gc[ok])
+        rows = active[todo[ok]]
+        x[rows], g[rows], f[rows] = cand[ok], gc[ok], fc[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+        t[todo] = t[todo] / 2
+    return todo
 
 
 def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[Tensor], Tensor]) -> Tensor:
@@ -224,6 +240,12 @@ def _two_loop(g: Tensor, s: Tensor, y: Tensor, rho: Tensor, precond: Callable[[T
     return r
 
 
+def rowwise_hvp(objective: BatchedObjective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """(x [B, D], data [B, ...], v [B, D]) -> [B, D] rows ∇²objective(·, data_b)(x_b) v_b, forward-over-reverse."""
+    grad_f = grad(objective)
+    return vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])
+
+
 def newton_cg(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Preconditioner, tol: float,
               max_steps: int, cg_iters: int = NEWTON_CG_ITERS, on_iter: OnIteration | None = None) -> StageFit:
     """Minimise objective(x_b, data_b) for every row b by truncated Newton steps, all rows batched.
@@ -234,18 +256,16 @@ def newton_cg(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Pr
     §7.1), or until CG meets non-positive curvature (then the last iterate, or at the first iteration the
     preconditioned gradient step −M⁻¹g_b, both descent directions), or ``cg_iters``. The step is then
     backtracked from t = 1 (Armijo). Where L-BFGS keeps ``HISTORY`` curvature pairs, CG resolves every
-    direction in which H_b differs from M, which is what a removal of many examples changes: the
-    helpful or harmful groups move the model along the low-curvature directions the shared M
-    underestimates. Rows at ‖∇‖ ≤ tol are never touched again (batched equals one at a time).
+    direction in which H_b differs from M (at m = 300 that converges more removals, but mostly ones that
+    left the basin; at m = 5,000 it did not converge the 1% groups either: docs/evidence.md). Rows at
+    ‖∇‖ ≤ tol are never touched again (batched equals one at a time).
     """
     batched = vmap(grad_and_value(objective), in_dims=(0, 0))
-    grad_f = grad(objective)
-    hvp = vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])
+    hvp = rowwise_hvp(objective)
     x = x0.detach().clone()
     g, f = batched(x, data)
     gnorm = g.norm(dim=1)
     stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    slack = ROUNDING_ULPS * torch.finfo(x.dtype).eps
     steps = 0
     for _ in range(max_steps):
         active = ((gnorm > tol) & ~stalled).nonzero()[:, 0]
@@ -255,20 +275,7 @@ def newton_cg(objective: BatchedObjective, x0: Tensor, data: Tensor, precond: Pr
         ga, xa, da = g[active], x[active], data[active]
         step = _truncated_cg(lambda rows, v: hvp(xa[rows], da[rows], v), lambda v, rows: precond(v, active[rows]),
                              ga, cg_iters)
-        slope = (ga * step).sum(1)
-        t = torch.ones(len(active), dtype=x.dtype, device=x.device)
-        todo = torch.arange(len(active), device=x.device)
-        for _ in range(MAX_HALVINGS + 1):
-            cand = xa[todo] + t[todo, None] * step[todo]
-            gc, fc = batched(cand, da[todo])
-            fa = f[active[todo]]
-            ok = torch.isfinite(fc) & (fc <= fa + ARMIJO * t[todo] * slope[todo] + slack * fa.abs().clamp_min(1.0))
-            rows = active[todo[ok]]
-            x[rows], g[rows], f[rows] = cand[ok], gc[ok], fc[ok]
-            todo = todo[~ok]
-            if todo.numel() == 0:
-                break
-            t[todo] = t[todo] / 2
+        todo = _backtrack(batched, x, g, f, data, active, step, (ga * step).sum(1))
         stalled[active[todo]] = True
         gnorm = g.norm(dim=1)
         if on_iter is not None:
@@ -564,13 +571,9 @@ class Retrainer:
             nan = torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
             return (nan, torch.zeros_like(x)) if vectors else nan
         vecs, scale = precond.vecs, precond.inv.sqrt()
-        grad_f = grad(self.objectives[stage])
-
-        def hvp_rows(v: Tensor) -> Tensor:
-            return vmap(lambda xx, dd, vv: jvp(lambda y: grad_f(y, dd), (xx,), (vv,))[1])(x, data, v)
-
-        return batched_inertia(hvp_rows, lambda rows: ((rows @ vecs) * scale) @ vecs.T, len(x), x.shape[1],
-                               x.dtype, x.device, return_vectors=vectors, on_step=on_step)
+        hvp = rowwise_hvp(self.objectives[stage])
+        return batched_inertia(lambda v: hvp(x, data, v), lambda rows: ((rows @ vecs) * scale) @ vecs.T, len(x),
+                               x.shape[1], x.dtype, x.device, return_vectors=vectors, on_step=on_step)
 
 
 def escape_saddles(objective: BatchedObjective, x: Tensor, data: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
